@@ -1,0 +1,25 @@
+# Everything installs itself into ./.venv on first use; `make test` and `make demo` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-all demo bench lint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The test suite: fast tests on the CPU, offline. `make test-all` adds the slow ones.
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
+
+test-all: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench scripts

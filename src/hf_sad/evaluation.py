@@ -1,0 +1,187 @@
+"""COCO box mAP through faster-coco-eval (a maintained, pycocotools-compatible C++ implementation).
+
+The metric accumulates per-image predictions and ground truth in memory, exactly in the formats the image processor's
+`post_process_object_detection` returns and the data collator's labels use (boxes x1, y1, x2, y2 in absolute pixels),
+builds the COCO ground-truth / detection structures itself (no temporary files) and evaluates them with
+`faster_coco_eval.COCOeval_faster`, which gives the same numbers as pycocotools' `COCOeval`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
+
+# Names of COCOeval's 12 summary statistics (`COCOeval.stats`), in order.
+_STAT_KEYS = (
+    "map",  # AP @ IoU 0.50:0.95, all areas, 100 detections per image
+    "map_50",
+    "map_75",
+    "map_small",  # area < 32^2
+    "map_medium",  # 32^2 <= area < 96^2
+    "map_large",  # area >= 96^2
+    "mar_1",  # AR with 1 / 10 / 100 detections per image
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+)
+
+
+def _numpy(x: Any, dtype: type, shape: tuple[int, ...] = (-1,)) -> np.ndarray:
+    """A torch tensor (any device / dtype), numpy array or nested list as a numpy array of `dtype` and `shape`."""
+    if hasattr(x, "detach"):  # torch.Tensor: bf16/fp16 cannot go to numpy directly
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=dtype).reshape(shape)
+
+
+def _xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """(n, 4) x1, y1, x2, y2 -> (n, 4) COCO x, y, w, h (same units)."""
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """A print function that prints nothing (faster-coco-eval reports every step through it)."""
+
+
+class CocoMeanAveragePrecision:
+    """COCO bounding-box mAP / mAR over a stream of images, evaluated by faster-coco-eval.
+
+    Usage: call `update(predictions, targets)` once per batch (images get running internal ids, so one object can
+    serve every batch of a Trainer's `compute_metrics`), then `compute()`; `reset()` starts over.
+
+    Args:
+        id2label: model label id (0-based, contiguous) -> class name; every class is evaluated, also those absent
+            from the data. Internally COCO category id = label id + 1, because COCO ids start at 1.
+
+    `compute()` returns floats in [0, 1] under `map`, `map_50`, `map_75`, `map_small`, `map_medium`, `map_large`,
+    `mar_1`, `mar_10`, `mar_100`, `mar_small`, `mar_medium`, `mar_large` (COCOeval's 12 summary statistics, same
+    order) and `map_<class name>` (AP @ IoU 0.50:0.95, all areas, 100 detections, per class). Where COCO reports -1
+    (no ground truth of that kind, e.g. no small objects or a class never present) the value is `float("nan")`.
+    Area ranges use COCO's absolute pixel areas (small < 32^2 <= medium < 96^2 <= large), so they depend on the
+    resolution the boxes are given in.
+    """
+
+    def __init__(self, id2label: Mapping[int, str]) -> None:
+        self.id2label = {int(k): str(v) for k, v in id2label.items()}
+        clashes = {f"map_{name}" for name in self.id2label.values()} & set(_STAT_KEYS)
+        if clashes:
+            raise ValueError(f"Class names would overwrite summary metrics: {sorted(clashes)}")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every image seen so far."""
+        self._images: list[dict] = []
+        self._ground_truth: list[dict] = []
+        self._detections: list[dict] = []
+
+    @property
+    def num_images(self) -> int:
+        return len(self._images)
+
+    def update(self, predictions: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]]) -> None:
+        """Add a batch of images.
+
+        Args:
+            predictions: per image {"boxes": (k, 4) x1, y1, x2, y2 absolute pixels, "scores": (k,), "labels": (k,)
+                model label ids} (the output of `post_process_object_detection`); k may be 0.
+            targets: per image {"boxes": (n, 4) x1, y1, x2, y2 absolute pixels, "labels": (n,) model label ids,
+                optional "iscrowd": (n,) 0/1, optional "area": (n,) pixels^2 (default box w * h)}; n may be 0.
+                Tensors (any device), numpy arrays or lists.
+        """
+        if len(predictions) != len(targets):
+            raise ValueError(f"Got {len(predictions)} predictions for {len(targets)} targets")
+        for prediction, target in zip(predictions, targets):
+            image_id = len(self._images) + 1
+            self._images.append({"id": image_id})
+            self._add_ground_truth(image_id, target)
+            self._add_detections(image_id, prediction)
+
+    def _add_ground_truth(self, image_id: int, target: Mapping[str, Any]) -> None:
+        boxes = _xyxy_to_xywh(_numpy(target["boxes"], np.float64, (-1, 4)))
+        labels = _numpy(target["labels"], np.int64)
+        n = len(labels)
+        area = _numpy(target["area"], np.float64) if "area" in target else boxes[:, 2] * boxes[:, 3]
+        iscrowd = _numpy(target["iscrowd"], np.int64) if "iscrowd" in target else np.zeros(n, dtype=np.int64)
+        if not len(boxes) == len(area) == len(iscrowd) == n:
+            raise ValueError(f"Target of image {image_id - 1} has inconsistent numbers of boxes/labels/area/iscrowd")
+        for box, label, a, crowd in zip(boxes.tolist(), labels.tolist(), area.tolist(), iscrowd.tolist()):
+            self._ground_truth.append(
+                {
+                    "id": len(self._ground_truth) + 1,  # faster-coco-eval reserves annotation id 0 for "unmatched"
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "bbox": box,
+                    "area": a,
+                    "iscrowd": crowd,
+                }
+            )
+
+    def _add_detections(self, image_id: int, prediction: Mapping[str, Any]) -> None:
+        boxes = _xyxy_to_xywh(_numpy(prediction["boxes"], np.float64, (-1, 4)))
+        scores = _numpy(prediction["scores"], np.float64)
+        labels = _numpy(prediction["labels"], np.int64)
+        if not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f"Prediction of image {image_id - 1} has inconsistent numbers of boxes/scores/labels")
+        for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+            self._detections.append({"image_id": image_id, "category_id": label + 1, "bbox": box, "score": score})
+
+    def to_coco(self) -> tuple[dict, list[dict]]:
+        """Fresh copies of the accumulated data as COCO structures (all boxes xywh, absolute pixels).
+
+        Returns:
+            `(ground_truth, detections)`: a COCO dataset dict ({"images", "annotations", "categories"}) and a
+            results list of {"image_id", "category_id", "bbox", "score"} as `COCO.loadRes` takes it. The evaluation
+            tools annotate these dicts in place, hence the copies.
+        """
+        ground_truth = {
+            "images": copy.deepcopy(self._images),
+            "annotations": copy.deepcopy(self._ground_truth),
+            "categories": [{"id": k + 1, "name": name} for k, name in sorted(self.id2label.items())],
+        }
+        return ground_truth, copy.deepcopy(self._detections)
+
+    def compute(self) -> dict[str, float]:
+        """COCO metrics over every image added since the last `reset()` (see the class docstring for the keys)."""
+        if not self._images:
+            return self._nan_result()
+        ground_truth, detections = self.to_coco()
+        coco_gt = COCO(print_function=_silent)
+        coco_gt.dataset = ground_truth
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(detections)
+        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=_silent)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+
+        result = {key: _nan_if_missing(value) for key, value in zip(_STAT_KEYS, evaluator.stats)}
+        # precision: (iou thresholds, recall thresholds, classes in sorted id order, area ranges, max dets)
+        precision = evaluator.eval["precision"][:, :, :, 0, -1]
+        for k, label in enumerate(sorted(self.id2label)):
+            valid = precision[:, :, k][precision[:, :, k] > -1]
+            result[f"map_{self.id2label[label]}"] = float(valid.mean()) if valid.size else math.nan
+        return result
+
+    def _nan_result(self) -> dict[str, float]:
+        keys = list(_STAT_KEYS) + [f"map_{self.id2label[k]}" for k in sorted(self.id2label)]
+        return dict.fromkeys(keys, math.nan)
+
+
+def _nan_if_missing(value: float) -> float:
+    """COCOeval's -1 ("no ground truth of this kind") -> nan; anything else -> float."""
+    return math.nan if value < 0 else float(value)
+
+
+def coco_map(
+    predictions: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]], id2label: Mapping[int, str]
+) -> dict[str, float]:
+    """One-shot `CocoMeanAveragePrecision`: same inputs as its `update`, same outputs as its `compute`."""
+    metric = CocoMeanAveragePrecision(id2label)
+    metric.update(predictions, targets)
+    return metric.compute()

@@ -1,0 +1,102 @@
+"""Anchors, box coding and matching: the small pieces under the detector, each against an independent reference."""
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from hf_sad.modeling_sad import decode_boxes, encode_boxes, make_anchors, make_cell_anchors, match_anchors
+
+
+def random_boxes(n: int, size: float = 200.0, generator=None) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=generator) * size * 0.8
+    wh = torch.rand(n, 2, generator=generator) * size * 0.4 + 2
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def test_cell_anchors_sizes_and_ratios():
+    cell = make_cell_anchors(32.0, [1.0, 2 ** (1 / 3), 2 ** (2 / 3)], [0.5, 1.0, 2.0])
+    assert cell.shape == (9, 4)
+    w, h = cell[:, 2] - cell[:, 0], cell[:, 3] - cell[:, 1]
+    # Area is (base * scale)^2 whatever the aspect ratio; h / w is the ratio; all centred on 0.
+    expected_area = torch.tensor([(32.0 * s) ** 2 for s in [1.0, 2 ** (1 / 3), 2 ** (2 / 3)] for _ in range(3)])
+    torch.testing.assert_close(w * h, expected_area, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(h / w, torch.tensor([0.5, 1.0, 2.0] * 3), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cell[:, :2] + cell[:, 2:], torch.zeros(9, 2))
+
+
+def test_anchor_grid_order_and_centres():
+    cell = make_cell_anchors(16.0, [1.0], [0.5, 1.0])
+    anchors = make_anchors([(2, 3), (1, 2)], [8, 16], [cell, cell * 2])
+    assert anchors.shape == ((2 * 3 + 1 * 2) * 2, 4)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    # Level 0, row 0, column 1, anchor 1 -> index (0 * 3 + 1) * 2 + 1 = 3; centre at ((1 + .5) * 8, .5 * 8).
+    torch.testing.assert_close(centres[3], torch.tensor([12.0, 4.0]))
+    # First anchor of level 1 (after 12 of level 0), row 0, column 0 of stride 16.
+    torch.testing.assert_close(centres[12], torch.tensor([8.0, 8.0]))
+    torch.testing.assert_close(anchors[13] - anchors[12].new_tensor([8, 8, 8, 8]), cell[1] * 2)
+
+
+def test_encode_decode_round_trip():
+    g = torch.Generator().manual_seed(0)
+    anchors, boxes = random_boxes(50, generator=g), random_boxes(50, generator=g)
+    torch.testing.assert_close(decode_boxes(encode_boxes(boxes, anchors), anchors), boxes, rtol=1e-5, atol=1e-3)
+    # Identity: a box equal to its anchor encodes to zero.
+    torch.testing.assert_close(encode_boxes(anchors, anchors), torch.zeros(50, 4))
+
+
+def test_decode_clamps_huge_deltas():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    boxes = decode_boxes(torch.tensor([[0.0, 0.0, 1e4, 1e4]]), anchors)
+    assert torch.isfinite(boxes).all()
+    assert (boxes[:, 2] - boxes[:, 0]).item() == pytest.approx(10 * 1000 / 16, rel=1e-4)
+
+
+def reference_match(anchors, boxes, fg, bg, low_quality):
+    """Per-image loop in the style of torchvision's Matcher, written independently."""
+    labels, idx = [], []
+    for b in boxes:
+        if b.shape[0] == 0:
+            labels.append(torch.zeros(anchors.shape[0], dtype=torch.long))
+            idx.append(torch.zeros(anchors.shape[0], dtype=torch.long))
+            continue
+        iou = box_iou(b, anchors)
+        best, arg = iou.max(dim=0)
+        lab = torch.full_like(arg, -1)
+        lab[best < bg] = 0
+        lab[best >= fg] = 1
+        if low_quality:
+            for j in range(b.shape[0]):
+                top = iou[j].max()
+                if top > 0:
+                    lab[iou[j] == top] = 1
+        labels.append(lab)
+        idx.append(torch.where(lab == 1, arg, torch.zeros_like(arg)))
+    return torch.stack(labels), torch.stack(idx)
+
+
+@pytest.mark.parametrize("low_quality", [True, False])
+def test_match_anchors_agrees_with_per_image_reference(low_quality):
+    g = torch.Generator().manual_seed(1)
+    anchors = random_boxes(400, generator=g)
+    boxes = [random_boxes(n, generator=g) for n in (3, 0, 7, 1)]
+    result = match_anchors(anchors, boxes, 0.5, 0.4, low_quality)
+    ref_labels, ref_idx = reference_match(anchors, boxes, 0.5, 0.4, low_quality)
+    assert torch.equal(result.labels, ref_labels)
+    assert torch.equal(result.matched_idx, ref_idx)
+    assert {-1, 0, 1} >= set(result.labels.unique().tolist())
+
+
+def test_match_anchors_no_boxes_anywhere():
+    anchors = random_boxes(10)
+    result = match_anchors(anchors, [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert result.labels.shape == (2, 10) and (result.labels == 0).all()
+
+
+def test_low_quality_match_rescues_small_box():
+    anchors = torch.tensor([[0.0, 0.0, 100.0, 100.0], [200.0, 200.0, 300.0, 300.0]])
+    tiny = torch.tensor([[10.0, 10.0, 20.0, 20.0]])  # IoU 0.01 with anchor 0: below both thresholds
+    assert match_anchors(anchors, [tiny], allow_low_quality_matches=False).labels.tolist() == [[0, 0]]
+    assert match_anchors(anchors, [tiny], allow_low_quality_matches=True).labels.tolist() == [[1, 0]]
+    assert math.isclose(box_iou(tiny, anchors)[0, 0].item(), 0.01, rel_tol=1e-5)

@@ -1,0 +1,182 @@
+"""Tests of the COCO mAP metric: agreement with pycocotools on real ground truth, edge cases, batching."""
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_sad.evaluation import CocoMeanAveragePrecision, coco_map
+
+BCCD_VAL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bccd" / "val.json"
+STAT_KEYS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large"]
+STAT_KEYS += ["mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
+
+
+def _bccd_targets() -> tuple[list[dict], dict[int, str]]:
+    """BCCD val ground truth as per-image targets: boxes xyxy absolute pixels, 0-based labels, given area/iscrowd."""
+    if not BCCD_VAL.is_file():
+        pytest.skip(f"{BCCD_VAL} not available")
+    coco = json.loads(BCCD_VAL.read_text())
+    id2label = {c["id"] - 1: c["name"] for c in coco["categories"]}
+    per_image = {image["id"]: [] for image in coco["images"]}
+    for ann in coco["annotations"]:
+        per_image[ann["image_id"]].append(ann)
+    targets = []
+    for anns in per_image.values():
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        targets.append(
+            {
+                "boxes": torch.from_numpy(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)),
+                "labels": torch.tensor([a["category_id"] - 1 for a in anns], dtype=torch.long),
+                "area": torch.tensor([a["area"] for a in anns], dtype=torch.float64),
+                "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in anns], dtype=torch.long),
+            }
+        )
+    return targets, id2label
+
+
+def _noisy_predictions(targets: list[dict], num_classes: int, seed: int = 0) -> list[dict]:
+    """Jittered / missed / mislabelled copies of the ground truth plus random false positives, random scores."""
+    rng = np.random.default_rng(seed)
+    predictions = []
+    for index, target in enumerate(targets):
+        gt = target["boxes"].numpy()
+        keep = rng.random(len(gt)) < 0.85
+        boxes = gt[keep].copy()
+        size = np.tile(boxes[:, 2:] - boxes[:, :2], 2)
+        boxes += rng.normal(0, 0.08, boxes.shape) * size
+        labels = target["labels"].numpy()[keep].copy()
+        flip = rng.random(len(labels)) < 0.05
+        labels[flip] = rng.integers(0, num_classes, int(flip.sum()))
+        num_fp = int(rng.integers(0, 6))
+        xy = rng.uniform(0, 560, (num_fp, 2))
+        fp = np.concatenate([xy, xy + rng.uniform(5, 150, (num_fp, 2))], axis=1)
+        boxes = np.concatenate([boxes, fp])
+        labels = np.concatenate([labels, rng.integers(0, num_classes, num_fp)])
+        if index % 10 == 3:  # some images without any detection
+            boxes, labels = boxes[:0], labels[:0]
+        predictions.append(
+            {
+                "boxes": torch.from_numpy(boxes).float(),
+                "scores": torch.from_numpy(rng.random(len(boxes))).float(),
+                "labels": torch.from_numpy(labels),
+            }
+        )
+    return predictions
+
+
+def _pycocotools_eval(ground_truth: dict, detections: list[dict]):
+    """Reference: pycocotools' COCOeval on the same in-memory structures (its prints swallowed)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = ground_truth
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(detections)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+def _assert_same(a: dict, b: dict, tol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert (math.isnan(value) and math.isnan(b[key])) or abs(value - b[key]) <= tol, key
+
+
+@pytest.fixture(scope="module")
+def bccd():
+    targets, id2label = _bccd_targets()
+    # Two extra images without ground truth but with detections: pure false positives.
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    targets = targets + [empty, empty]
+    return targets, _noisy_predictions(targets, len(id2label)), id2label
+
+
+def test_matches_pycocotools(bccd):
+    targets, predictions, id2label = bccd
+    metric = CocoMeanAveragePrecision(id2label)
+    metric.update(predictions, targets)
+    result = metric.compute()
+
+    reference = _pycocotools_eval(*metric.to_coco())
+    for key, expected in zip(STAT_KEYS, reference.stats):
+        expected = math.nan if expected < 0 else expected
+        assert (math.isnan(result[key]) and math.isnan(expected)) or result[key] == pytest.approx(expected, abs=1e-6)
+    precision = reference.eval["precision"][:, :, :, 0, -1]
+    for k, name in sorted(id2label.items()):
+        per_class = precision[:, :, k]
+        assert result[f"map_{name}"] == pytest.approx(per_class[per_class > -1].mean(), abs=1e-6)
+    # The noise leaves a mediocre but non-trivial detector.
+    assert 0.05 < result["map"] < 0.9 and result["map_50"] > result["map_75"]
+
+
+def test_batched_updates_equal_single_update(bccd):
+    targets, predictions, id2label = bccd
+    batched = CocoMeanAveragePrecision(id2label)
+    for start in range(0, len(targets), 8):
+        batched.update(predictions[start : start + 8], targets[start : start + 8])
+    assert batched.num_images == len(targets)
+    _assert_same(batched.compute(), coco_map(predictions, targets, id2label))
+
+
+def test_compute_is_repeatable_and_reset(bccd):
+    targets, predictions, id2label = bccd
+    metric = CocoMeanAveragePrecision(id2label)
+    metric.update(predictions[:10], targets[:10])
+    first = metric.compute()
+    _assert_same(first, metric.compute())  # evaluation must not alter the stored data
+    metric.reset()
+    assert metric.num_images == 0
+    metric.update(predictions[:10], targets[:10])
+    _assert_same(first, metric.compute())
+
+
+def test_perfect_detections(bccd):
+    targets, _, id2label = bccd
+    perfect = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))} for t in targets]
+    result = coco_map(perfect, targets, id2label)
+    assert result["map"] == 1.0 and result["map_50"] == 1.0 and result["mar_100"] == 1.0
+    assert all(result[f"map_{name}"] == 1.0 for name in id2label.values())
+
+
+def test_no_detections(bccd):
+    targets, _, id2label = bccd
+    none = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}] * len(
+        targets
+    )
+    result = coco_map(none, targets, id2label)
+    assert result["map"] == 0.0 and result["mar_100"] == 0.0
+    assert all(result[f"map_{name}"] == 0.0 for name in id2label.values())
+
+
+def test_keys_nan_and_numpy_inputs():
+    id2label = {0: "cat", 1: "dog", 2: "bird"}
+    targets = [{"boxes": np.array([[10.0, 10.0, 50.0, 40.0]]), "labels": np.array([1])}]
+    predictions = [{"boxes": np.array([[10.0, 10.0, 50.0, 40.0]]), "scores": np.array([0.7]), "labels": np.array([1])}]
+    result = coco_map(predictions, targets, id2label)
+    assert set(result) == set(STAT_KEYS) | {"map_cat", "map_dog", "map_bird"}
+    assert result["map"] == 1.0 and result["map_dog"] == 1.0
+    # No ground truth of a class or area range: nan, not COCO's -1.
+    assert math.isnan(result["map_cat"]) and math.isnan(result["map_large"])
+    assert all(math.isnan(v) for v in CocoMeanAveragePrecision(id2label).compute().values())
+
+
+def test_prediction_target_length_mismatch():
+    with pytest.raises(ValueError):
+        CocoMeanAveragePrecision({0: "a"}).update([], [{"boxes": np.zeros((0, 4)), "labels": np.zeros(0)}])
+
+
+def test_evaluation_is_quiet(bccd, capsys):
+    targets, predictions, id2label = bccd
+    coco_map(predictions[:5], targets[:5], id2label)
+    assert capsys.readouterr().out == ""

@@ -1,0 +1,411 @@
+"""Tests of `SADImageProcessor` (pre- and post-processing) and `select_detections`. Small images, CPU only."""
+
+import ast
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import batched_nms
+from transformers.utils import ModelOutput
+
+import hf_sad.image_processing_sad as image_processing_module
+from hf_sad.image_processing_sad import SADImageProcessor, select_detections
+
+
+def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def _image_extent(pixel_mask: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of the real pixels of one `(H, W)` mask whose padding is bottom/right."""
+    return int(pixel_mask[:, 0].sum()), int(pixel_mask[0, :].sum())
+
+
+def _coco(image_id: int, *objects: dict) -> dict:
+    return {"image_id": image_id, "annotations": list(objects)}
+
+
+# --------------------------------------------------------------------------------------------------------- resizing
+
+
+@pytest.mark.parametrize(
+    ("size", "image_hw", "expected_hw"),
+    [
+        # shortest edge 40 -> 64 keeps the longest edge (96) under 100
+        ({"shortest_edge": 64, "longest_edge": 100}, (40, 60), (64, 96)),
+        # shortest edge to 64 would make the longest 160 > 100: the longest edge is capped instead
+        ({"shortest_edge": 64, "longest_edge": 100}, (40, 100), (40, 100)),
+        ({"shortest_edge": 64, "longest_edge": 100}, (100, 20), (100, 20)),
+        ({"longest_edge": 50}, (40, 100), (20, 50)),
+        ({"longest_edge": 50}, (100, 30), (50, 15)),
+        ({"height": 32, "width": 48}, (40, 100), (32, 48)),
+    ],
+)
+def test_resize_modes(size, image_hw, expected_hw):
+    processor = SADImageProcessor(size=size, pad_size_divisor=32)
+    out = processor(Image.fromarray(_rgb(*image_hw)), annotations=_coco(0))
+    assert _image_extent(out["pixel_mask"][0]) == expected_hw
+    assert out["labels"][0]["size"].tolist() == list(expected_hw)
+    assert out["labels"][0]["orig_size"].tolist() == list(image_hw)
+
+
+def test_default_size_matches_detr_rule():
+    processor = SADImageProcessor()
+    out = processor(Image.fromarray(_rgb(100, 200)), annotations=_coco(0))
+    # 512 on the short side would give 1024 > 853 on the long side, so the long side is 853.
+    assert out["labels"][0]["size"].tolist() == [426, 853]
+    assert out["pixel_values"].shape == (1, 3, 512, 896)
+
+
+# ---------------------------------------------------------------------------------------------------------- padding
+
+
+def test_padding_to_multiple_and_batch_max():
+    images = [_rgb(30, 50, seed=1), _rgb(70, 20, seed=2)]
+    out = SADImageProcessor(do_resize=False, pad_size_divisor=32)(images)
+    pixel_values, pixel_mask = out["pixel_values"], out["pixel_mask"]
+    assert pixel_values.shape == (2, 3, 96, 64) and pixel_values.dtype == torch.float32
+    assert pixel_mask.shape == (2, 96, 64) and pixel_mask.dtype == torch.int64
+
+    for index, (height, width) in enumerate([(30, 50), (70, 20)]):
+        expected = torch.zeros(96, 64, dtype=torch.int64)
+        expected[:height, :width] = 1
+        assert torch.equal(pixel_mask[index], expected)
+        # padding is bottom/right with zeros (after normalisation)
+        assert (pixel_values[index][:, ~expected.bool()] == 0).all()
+
+
+def test_padding_default_divisor_and_no_divisor():
+    image = _rgb(30, 50)
+    assert SADImageProcessor(do_resize=False)(image)["pixel_values"].shape == (1, 3, 128, 128)
+    out = SADImageProcessor(do_resize=False, pad_size_divisor=None)([image, _rgb(70, 20)])
+    assert out["pixel_values"].shape == (2, 3, 70, 50)
+
+
+def test_no_padding_gives_full_mask_and_rejects_mixed_sizes():
+    out = SADImageProcessor(do_resize=False, do_pad=False)([_rgb(30, 50), _rgb(30, 50, seed=3)])
+    assert out["pixel_values"].shape == (2, 3, 30, 50)
+    assert (out["pixel_mask"] == 1).all()
+    with pytest.raises(ValueError, match="do_pad"):
+        SADImageProcessor(do_resize=False, do_pad=False)([_rgb(30, 50), _rgb(20, 50)])
+
+
+# ---------------------------------------------------------------------------------------------------- normalisation
+
+
+def test_rescale_and_normalize_values():
+    image = np.full((8, 8, 3), 128, dtype=np.uint8)
+    image[..., 1] = 0
+    image[..., 2] = 255
+    mean, std = [0.5, 0.25, 0.75], [0.5, 0.2, 0.1]
+    out = SADImageProcessor(do_resize=False, do_pad=False, image_mean=mean, image_std=std)(image)
+    expected = [(128 / 255 - 0.5) / 0.5, (0 - 0.25) / 0.2, (1 - 0.75) / 0.1]
+    for channel, value in enumerate(expected):
+        torch.testing.assert_close(out["pixel_values"][0, channel], torch.full((8, 8), value), rtol=0, atol=1e-5)
+
+    out = SADImageProcessor(do_resize=False, do_pad=False, do_normalize=False)(image)
+    torch.testing.assert_close(out["pixel_values"][0, 0], torch.full((8, 8), 128 / 255))
+
+
+# ------------------------------------------------------------------------------------------------------ annotations
+
+
+def test_coco_annotation_to_normalised_cxcywh_unchanged_by_resize():
+    # image height 100, width 200; bbox x=10, y=20, w=30, h=40 -> x1y1x2y2 (10, 20, 40, 60) -> cx 25, cy 40
+    expected = torch.tensor([[25 / 200, 40 / 100, 30 / 200, 40 / 100]], dtype=torch.float32)
+    annotation = _coco(7, {"bbox": [10, 20, 30, 40], "category_id": 3})
+    image = Image.fromarray(_rgb(100, 200))
+    for size in ({"height": 50, "width": 100}, {"height": 64, "width": 64}, {"shortest_edge": 64, "longest_edge": 90}):
+        labels = SADImageProcessor(size=size)(image, annotations=annotation)["labels"][0]
+        assert torch.equal(labels["boxes"], expected)
+        assert labels["boxes"].dtype == torch.float32
+        assert labels["class_labels"].tolist() == [3] and labels["class_labels"].dtype == torch.int64
+        assert labels["image_id"].item() == 7 and labels["image_id"].dtype == torch.int64
+        assert labels["orig_size"].tolist() == [100, 200]
+        assert labels["iscrowd"].tolist() == [0]
+
+    labels = SADImageProcessor(size={"height": 50, "width": 100})(image, annotations=annotation)["labels"][0]
+    assert labels["size"].tolist() == [50, 100]
+    # area: 30 * 40 input pixels, x (50 / 100) * (100 / 200) in resized pixels
+    assert labels["area"].tolist() == [300.0] and labels["area"].dtype == torch.float32
+
+
+def test_given_area_and_iscrowd_are_kept():
+    annotation = _coco(1, {"bbox": [0, 0, 10, 10], "category_id": 0, "area": 55.0, "iscrowd": 1})
+    labels = SADImageProcessor(size={"height": 200, "width": 400})(_rgb(100, 200), annotations=annotation)["labels"]
+    assert labels[0]["area"].tolist() == [220.0]
+    assert labels[0]["iscrowd"].tolist() == [1]
+
+
+def test_unconverted_annotations_are_absolute_xyxy_in_resized_pixels():
+    annotation = _coco(0, {"bbox": [10, 20, 30, 40], "category_id": 1})
+    processor = SADImageProcessor(size={"height": 50, "width": 400}, do_convert_annotations=False)
+    labels = processor(_rgb(100, 200), annotations=annotation)["labels"][0]
+    assert torch.equal(labels["boxes"], torch.tensor([[20.0, 10.0, 80.0, 30.0]]))
+
+
+def test_empty_annotations():
+    labels = SADImageProcessor()(
+        [_rgb(40, 60), _rgb(50, 50)], annotations=[_coco(1), _coco(2, {"bbox": [1, 1, 5, 5], "category_id": 0})]
+    )["labels"]
+    assert labels[0]["boxes"].shape == (0, 4) and labels[0]["boxes"].dtype == torch.float32
+    assert labels[0]["class_labels"].shape == (0,) and labels[0]["class_labels"].dtype == torch.int64
+    assert labels[0]["area"].shape == (0,) and labels[0]["iscrowd"].shape == (0,)
+    assert labels[1]["boxes"].shape == (1, 4)
+
+
+def test_boxes_are_clipped_and_empty_ones_dropped():
+    annotation = _coco(
+        5,
+        {"bbox": [-10, -10, 30, 30], "category_id": 1},  # top-left corner outside -> (0, 0, 20, 20)
+        {"bbox": [300, 10, 5, 5], "category_id": 2},  # entirely right of the image -> dropped
+        {"bbox": [190, 90, 50, 50], "category_id": 3},  # bottom-right outside -> (190, 90, 200, 100)
+        {"bbox": [10, 10, 0, 5], "category_id": 4},  # zero width -> dropped
+    )
+    labels = SADImageProcessor(do_resize=False)(_rgb(100, 200), annotations=annotation)["labels"][0]
+    assert labels["class_labels"].tolist() == [1, 3]
+    expected = torch.tensor([[10 / 200, 10 / 100, 20 / 200, 20 / 100], [195 / 200, 95 / 100, 10 / 200, 10 / 100]])
+    assert torch.equal(labels["boxes"], expected)
+    assert labels["area"].tolist() == [400.0, 100.0]
+
+
+@pytest.mark.parametrize(
+    ("objects", "message"),
+    [
+        ([{"category_id": 1}], r"image_id=42.*annotations\[0\].*'bbox'"),
+        ([{"bbox": [1, 2, 3, 4]}], r"image_id=42.*annotations\[0\].*'category_id'"),
+        ([{"bbox": [1, 2, 3, 4], "category_id": 1}, {"bbox": [1, 2, 3], "category_id": 1}], r"image_id=42.*\[1\]"),
+        ([{"bbox": [1, 2, math.nan, 4], "category_id": 1}], r"image_id=42.*bbox.*NaN or infinite"),
+        ([{"bbox": [1, 2, 3, math.inf], "category_id": 1}], r"image_id=42.*bbox.*NaN or infinite"),
+        ([{"bbox": [1, 2, 3, 4], "category_id": 1.5}], r"image_id=42.*category_id.*integer"),
+        ([{"bbox": "1234", "category_id": 1}], r"image_id=42.*bbox.*numbers"),
+    ],
+)
+def test_invalid_annotations_raise_naming_image_id(objects, message):
+    with pytest.raises(ValueError, match=message):
+        SADImageProcessor()(_rgb(20, 20), annotations={"image_id": 42, "annotations": objects})
+
+
+def test_annotation_structure_errors():
+    processor = SADImageProcessor()
+    with pytest.raises(ValueError, match="2 images but 1 annotations"):
+        processor([_rgb(20, 20), _rgb(20, 20)], annotations=[_coco(0)])
+    with pytest.raises(ValueError, match="COCO detection format"):
+        processor(_rgb(20, 20), annotations={"annotations": []})
+
+
+# ----------------------------------------------------------------------------------------------------- input types
+
+
+def test_input_types_agree():
+    rgb = _rgb(20, 30)
+    processor = SADImageProcessor(do_resize=False, do_pad=False)
+    reference = processor(Image.fromarray(rgb))["pixel_values"]
+    inputs = {
+        "numpy HWC": rgb,
+        "numpy CHW": np.ascontiguousarray(rgb.transpose(2, 0, 1)),
+        "tensor CHW uint8": torch.from_numpy(rgb).permute(2, 0, 1),
+        "tensor HWC float": torch.from_numpy(rgb).float(),
+        "RGBA PIL, opaque": Image.fromarray(np.concatenate([rgb, np.full((20, 30, 1), 255, np.uint8)], axis=-1)),
+    }
+    for name, image in inputs.items():
+        torch.testing.assert_close(processor(image)["pixel_values"], reference, msg=name)
+    # a float image already in [0, 1] is processed as such with do_rescale=False
+    torch.testing.assert_close(
+        processor(torch.from_numpy(rgb).float() / 255, do_rescale=False)["pixel_values"], reference
+    )
+
+
+def test_grayscale_inputs_become_rgb():
+    gray = np.random.default_rng(0).integers(0, 256, size=(20, 30), dtype=np.uint8)
+    processor = SADImageProcessor(do_resize=False, do_pad=False, do_normalize=False)
+    for image in (Image.fromarray(gray, mode="L"), gray, gray[..., None], torch.from_numpy(gray)[None]):
+        pixel_values = processor(image)["pixel_values"]
+        assert pixel_values.shape == (1, 3, 20, 30)
+        for channel in range(3):
+            torch.testing.assert_close(pixel_values[0, channel], torch.from_numpy(gray).float() / 255)
+
+
+# ------------------------------------------------------------------------------------------------- post-processing
+
+
+def _outputs(logits: list, pred_boxes: list) -> dict:
+    """Model outputs from per-image probabilities (turned into logits) and normalised cx,cy,w,h boxes."""
+    probabilities = torch.tensor(logits, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
+    return {"logits": torch.logit(probabilities), "pred_boxes": torch.tensor(pred_boxes, dtype=torch.float32)}
+
+
+@dataclass
+class _DetectionOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+    pred_boxes: torch.Tensor | None = None
+
+
+def test_post_process_absolute_boxes_and_clipping():
+    outputs = _outputs(
+        [[[0.1, 0.9], [0.8, 0.2], [0.01, 0.02]]],
+        [[[0.5, 0.5, 0.2, 0.4], [0.95, 0.1, 0.2, 0.4], [0.5, 0.5, 1.0, 1.0]]],
+    )
+    processor = SADImageProcessor()
+    for target_sizes in ([(100, 200)], torch.tensor([[100, 200]]), torch.IntTensor([[100, 200]])):
+        (result,) = processor.post_process_object_detection(outputs, threshold=0.5, target_sizes=target_sizes)
+        assert result["labels"].tolist() == [1, 0]
+        torch.testing.assert_close(result["scores"], torch.tensor([0.9, 0.8]))
+        # cx 0.5, cy 0.5, w 0.2, h 0.4 of a 200 x 100 image; the second box is clipped at x = 200 and y = 0
+        torch.testing.assert_close(
+            result["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0], [170.0, 0.0, 200.0, 30.0]])
+        )
+
+    (normalised,) = processor.post_process_object_detection(_DetectionOutput(**outputs), threshold=0.5)
+    torch.testing.assert_close(normalised["boxes"], torch.tensor([[0.4, 0.3, 0.6, 0.7], [0.85, 0.0, 1.0, 0.3]]))
+
+
+def test_post_process_threshold():
+    outputs = _outputs([[[0.9, 0.3], [0.06, 0.04]]], [[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.1, 0.1]]])
+    processor = SADImageProcessor()
+    assert processor.post_process_object_detection(outputs, threshold=0.5)[0]["scores"].numel() == 1
+    assert processor.post_process_object_detection(outputs, threshold=0.2)[0]["scores"].numel() == 2
+    # threshold=None falls back to score_threshold (0.05): 0.9, 0.3 and 0.06 pass
+    assert processor.post_process_object_detection(outputs, threshold=None)[0]["scores"].numel() == 3
+
+
+def test_post_process_class_wise_nms():
+    boxes = [[[0.5, 0.5, 0.4, 0.4], [0.51, 0.5, 0.4, 0.4]]]  # IoU about 0.95
+    processor = SADImageProcessor()
+    different = processor.post_process_object_detection(_outputs([[[0.9, 0.0], [0.0, 0.8]]], boxes), threshold=0.5)
+    assert sorted(different[0]["labels"].tolist()) == [0, 1]
+    same = processor.post_process_object_detection(_outputs([[[0.9, 0.0], [0.8, 0.0]]], boxes), threshold=0.5)
+    assert same[0]["labels"].tolist() == [0]
+    torch.testing.assert_close(same[0]["scores"], torch.tensor([0.9]))
+    # a looser IoU threshold keeps both
+    kept = processor.post_process_object_detection(
+        _outputs([[[0.9, 0.0], [0.8, 0.0]]], boxes), threshold=0.5, nms_iou_threshold=0.99
+    )
+    assert kept[0]["labels"].tolist() == [0, 0]
+
+
+def test_post_process_images_do_not_suppress_each_other():
+    outputs = _outputs([[[0.9, 0.0]], [[0.8, 0.0]]], [[[0.5, 0.5, 0.4, 0.4]], [[0.5, 0.5, 0.4, 0.4]]])
+    results = SADImageProcessor().post_process_object_detection(outputs, threshold=0.5, target_sizes=[(10, 10)] * 2)
+    assert [r["labels"].tolist() for r in results] == [[0], [0]]
+    torch.testing.assert_close(results[1]["scores"], torch.tensor([0.8]))
+
+
+def test_post_process_max_detections_keeps_best_sorted():
+    num_anchors = 12
+    probabilities = [[[0.5 + 0.04 * i] for i in range(num_anchors)]]
+    # disjoint boxes on a grid so that NMS removes nothing
+    boxes = [[[(i % 4) * 0.25 + 0.125, (i // 4) * 0.25 + 0.125, 0.2, 0.2] for i in range(num_anchors)]]
+    processor = SADImageProcessor(max_detections=5)
+    (result,) = processor.post_process_object_detection(_outputs(probabilities, boxes), threshold=0.1)
+    torch.testing.assert_close(result["scores"], torch.tensor([0.5 + 0.04 * i for i in range(11, 6, -1)]))
+    (result,) = processor.post_process_object_detection(_outputs(probabilities, boxes), threshold=0.1, max_detections=3)
+    assert result["scores"].numel() == 3
+    (result,) = processor.post_process_object_detection(_outputs(probabilities, boxes), threshold=0.1, top_k=2)
+    assert result["scores"].numel() == 2
+
+
+def test_post_process_target_sizes_length_mismatch():
+    outputs = _outputs([[[0.9]], [[0.9]]], [[[0.5, 0.5, 0.1, 0.1]], [[0.5, 0.5, 0.1, 0.1]]])
+    with pytest.raises(ValueError, match="target sizes"):
+        SADImageProcessor().post_process_object_detection(outputs, target_sizes=[(10, 10)])
+
+
+def _reference_select(scores, boxes, score_threshold, nms_iou_threshold, pre_nms_top_k, max_detections):
+    results = []
+    for image_scores, image_boxes in zip(scores, boxes):
+        num_classes = image_scores.shape[1]
+        top, index = image_scores.flatten().topk(min(pre_nms_top_k, image_scores.numel()))
+        keep = top > score_threshold
+        top, index = top[keep], index[keep]
+        labels, candidate_boxes = index % num_classes, image_boxes[index // num_classes]
+        kept = batched_nms(candidate_boxes, top, labels, nms_iou_threshold)[:max_detections]
+        results.append({"scores": top[kept], "labels": labels[kept], "boxes": candidate_boxes[kept]})
+    return results
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_select_detections_matches_per_image_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    batch_size, num_anchors, num_classes = 3, 60, 4
+    scores = torch.rand(batch_size, num_anchors, num_classes, generator=generator)
+    scores[1] *= 0.3  # an image with few candidates above the threshold
+    top_left = torch.rand(batch_size, num_anchors, 2, generator=generator) * 80
+    sizes = torch.rand(batch_size, num_anchors, 2, generator=generator) * 40 + 1
+    boxes = torch.cat([top_left, top_left + sizes], dim=-1)
+    settings = {"score_threshold": 0.2, "nms_iou_threshold": 0.4, "pre_nms_top_k": 100, "max_detections": 15}
+
+    results = select_detections(scores, boxes, **settings)
+    expected = _reference_select(scores, boxes, **settings)
+    assert len(results) == batch_size
+    for result, reference in zip(results, expected):
+        assert result.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(result[key], reference[key]), key
+        assert result["labels"].dtype == torch.int64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_select_detections_on_cuda_matches_cpu():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(4, 200, 5, generator=generator)
+    top_left = torch.rand(4, 200, 2, generator=generator) * 300 - 20  # some negative coordinates
+    boxes = torch.cat([top_left, top_left + torch.rand(4, 200, 2, generator=generator) * 60 + 1], dim=-1)
+    on_cpu = select_detections(scores, boxes, score_threshold=0.3)
+    on_cuda = select_detections(scores.cuda(), boxes.cuda(), score_threshold=0.3)
+    for cpu_result, cuda_result in zip(on_cpu, on_cuda):
+        for key in cpu_result:
+            torch.testing.assert_close(cuda_result[key].cpu(), cpu_result[key])
+
+
+def test_select_detections_empty_and_shape_errors():
+    results = select_detections(torch.zeros(2, 5, 3), torch.zeros(2, 5, 4), score_threshold=0.5)
+    assert [r["boxes"].shape for r in results] == [(0, 4), (0, 4)]
+    with pytest.raises(ValueError, match="num_anchors"):
+        select_detections(torch.zeros(2, 5, 3), torch.zeros(2, 4, 4))
+
+
+# -------------------------------------------------------------------------------------------------- serialisation
+
+
+def test_save_and_load_round_trip(tmp_path):
+    processor = SADImageProcessor(
+        size={"height": 96, "width": 160},
+        image_mean=[0.5, 0.4, 0.3],
+        image_std=[0.2, 0.3, 0.4],
+        pad_size_divisor=64,
+        do_convert_annotations=False,
+        score_threshold=0.3,
+        nms_iou_threshold=0.6,
+        pre_nms_top_k=50,
+        max_detections=7,
+    )
+    processor.save_pretrained(tmp_path)
+    loaded = SADImageProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == processor.to_dict()
+    for name in ("score_threshold", "nms_iou_threshold", "pre_nms_top_k", "max_detections", "pad_size_divisor"):
+        assert getattr(loaded, name) == getattr(processor, name), name
+    assert loaded.model_input_names == ["pixel_values", "pixel_mask"]
+
+    image = _rgb(50, 70)
+    torch.testing.assert_close(loaded(image)["pixel_values"], processor(image)["pixel_values"])
+    assert loaded(image)["pixel_values"].shape == (1, 3, 128, 192)
+
+
+def test_module_imports_only_remote_code_safe_packages():
+    # The file is loaded with trust_remote_code where hf_sad is not installed.
+    allowed = {"torch", "torchvision", "numpy", "PIL", "transformers"}
+    tree = ast.parse(Path(image_processing_module.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative imports"
+            imported.add(node.module.split(".")[0])
+    assert imported - allowed <= set(sys.stdlib_module_names)

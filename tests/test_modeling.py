@@ -1,0 +1,279 @@
+"""The detector as a transformers model: shapes, losses, training, save/load in both routes, pipeline, backbones."""
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torchvision.ops import box_convert, box_iou, sigmoid_focal_loss
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
+
+from hf_sad import SADConfig, SADForObjectDetection, create_detector
+from hf_sad.modeling_sad import encode_boxes
+
+from .conftest import LABELS, TINY
+
+
+def make_labels(*boxes_per_image):
+    """Per image a list of (class, cx, cy, w, h) normalised -> transformers detection labels."""
+    return [
+        {
+            "class_labels": torch.tensor([b[0] for b in boxes], dtype=torch.long),
+            "boxes": torch.tensor([b[1:] for b in boxes], dtype=torch.float32).reshape(-1, 4),
+        }
+        for boxes in boxes_per_image
+    ]
+
+
+def test_output_shapes_and_anchor_counts(tiny_detector):
+    model, _ = tiny_detector
+    out = model(torch.randn(2, 3, 128, 192))
+    shapes = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]  # strides 8..128; stride-2 convs round up
+    assert out.spatial_shapes.tolist() == [list(s) for s in shapes]
+    num_anchors = sum(h * w for h, w in shapes) * 9
+    assert out.logits.shape == (2, num_anchors, 3)
+    assert out.pred_boxes.shape == (2, num_anchors, 4)
+    assert out.box_regression.shape == (2, num_anchors, 4)
+    assert out.anchors.shape == (num_anchors, 4)
+    assert out.image_sizes.tolist() == [[128.0, 192.0]] * 2
+    assert out.loss is None
+
+
+def test_pred_boxes_are_normalised_to_valid_region(tiny_detector):
+    """With padding, boxes are relative to each image's real pixels, so target_sizes scaling is exact."""
+    model, _ = tiny_detector
+    pixels = torch.randn(2, 3, 128, 128)
+    mask = torch.ones(2, 128, 128, dtype=torch.long)
+    mask[1, 64:, :] = 0  # second image is 64 x 128, padded below
+    with torch.no_grad():
+        out = model(pixels, pixel_mask=mask)
+        out_nomask = model(pixels)
+    assert out.image_sizes.tolist() == [[128.0, 128.0], [64.0, 128.0]]
+    torch.testing.assert_close(out.pred_boxes[0], out_nomask.pred_boxes[0])
+    scale = torch.tensor([1.0, 2.0, 1.0, 2.0])  # y and h double when normalised by 64 instead of 128
+    torch.testing.assert_close(out.pred_boxes[1], out_nomask.pred_boxes[1] * scale)
+
+
+def test_focal_and_box_loss_match_independent_computation(tiny_detector):
+    model, _ = tiny_detector
+    labels = make_labels([(0, 0.5, 0.5, 0.4, 0.3), (2, 0.2, 0.25, 0.15, 0.2)], [(1, 0.7, 0.6, 0.3, 0.5)])
+    out = model(torch.randn(2, 3, 128, 128), labels=labels)
+    assignment = model.assign_anchors(out.anchors, labels, out.image_sizes)
+
+    # Independent: per image, one-hot targets from the assignment, torchvision's focal loss on non-ignored anchors.
+    cls_sum, box_sum, num_pos = 0.0, 0.0, 0
+    for i, target in enumerate(labels):
+        pos = assignment.labels[i] == 1
+        valid = assignment.labels[i] >= 0
+        matched = assignment.matched_idx[i]
+        onehot = torch.zeros_like(out.logits[i])
+        onehot[pos, target["class_labels"][matched[pos]]] = 1
+        cls_sum += sigmoid_focal_loss(out.logits[i][valid], onehot[valid], alpha=0.25, gamma=2.0, reduction="sum")
+        gt = box_convert(target["boxes"] * 128, "cxcywh", "xyxy")[matched[pos]]
+        deltas = encode_boxes(gt, out.anchors[pos])
+        box_sum += torch.nn.functional.smooth_l1_loss(out.box_regression[i][pos], deltas, beta=1 / 9, reduction="sum")
+        num_pos += int(pos.sum())
+    assert num_pos > 0
+    torch.testing.assert_close(out.loss_dict["loss_cls"], cls_sum.detach() / num_pos)
+    torch.testing.assert_close(out.loss_dict["loss_box"], box_sum.detach() / num_pos)
+    torch.testing.assert_close(out.loss, (cls_sum + box_sum) / num_pos)
+
+
+def test_giou_box_loss_runs_and_is_bounded():
+    model, _ = create_detector("resnet18", LABELS, box_loss="giou", **TINY)
+    out = model(torch.randn(1, 3, 128, 128), labels=make_labels([(1, 0.5, 0.5, 0.5, 0.5)]))
+    assert 0 <= out.loss_dict["loss_box"] <= 2  # GIoU loss per box lies in [0, 2]
+    out.loss.backward()
+
+
+def test_empty_targets_are_valid_negatives(tiny_detector):
+    model, _ = tiny_detector
+    out = model(torch.randn(2, 3, 128, 128), labels=make_labels([], []))
+    assert torch.isfinite(out.loss)
+    assert out.loss_dict["loss_box"] == 0 and out.loss_dict["num_positives"] == 1  # clamped normaliser
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bad_labels_raise_clear_errors(tiny_detector):
+    model, _ = tiny_detector
+    x = torch.randn(1, 3, 128, 128)
+    with pytest.raises(ValueError, match=r"labels\[0\]: class id 5 is outside"):
+        model(x, labels=make_labels([(5, 0.5, 0.5, 0.2, 0.2)]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(x, labels=make_labels([(0, float("nan"), 0.5, 0.2, 0.2)]))
+    with pytest.raises(ValueError, match="lacks"):
+        model(x, labels=[{"boxes": torch.zeros(0, 4)}])
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="box_loss"):
+        SADConfig(box_loss="l2")
+    with pytest.raises(ValueError, match="min_level"):
+        SADConfig(min_level=5, max_level=4)
+    with pytest.raises(ValueError, match="min_level=1 needs stride 2"):
+        SADForObjectDetection(SADConfig(backbone="convnext_atto", min_level=1, **TINY))  # finest stride is 4
+
+
+def test_bf16_autocast_forward_is_finite(tiny_detector):
+    model, _ = tiny_detector
+    labels = make_labels([(0, 0.5, 0.5, 0.4, 0.3)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 128, 128), labels=labels)
+    assert out.logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    assert torch.isfinite(out.pred_boxes).all()
+    out.loss.backward()
+
+
+def squares_scene(seed: int, size: int = 128):
+    """An image with 1-2 solid coloured shapes on black, and its labels (class = colour)."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    boxes, classes = [], []
+    for _ in range(rng.integers(1, 3)):
+        w, h = rng.integers(24, 56, size=2)
+        x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+        c = int(rng.integers(0, 3))
+        image[y : y + h, x : x + w] = colours[c]
+        boxes.append([x, y, w, h])
+        classes.append(c)
+    annotations = [{"bbox": [float(v) for v in b], "category_id": c, "area": float(b[2] * b[3])}
+                   for b, c in zip(boxes, classes)]
+    return Image.fromarray(image), {"image_id": seed, "annotations": annotations}
+
+
+def test_tiny_model_overfits_a_few_images(tiny_detector):
+    model, processor = tiny_detector
+    scenes = [squares_scene(s) for s in range(4)]
+    batch = processor(images=[s[0] for s in scenes], annotations=[s[1] for s in scenes], return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(80):
+        out = model(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert np.mean(losses[-5:]) < 0.25 * np.mean(losses[:5]), (losses[:5], losses[-5:])
+
+    model.eval()
+    with torch.no_grad():
+        out = model(batch["pixel_values"], batch["pixel_mask"])
+    detections = processor.post_process_object_detection(out, threshold=0.3, target_sizes=[(128, 128)] * 4)
+    for (_, target), det in zip(scenes, detections):
+        gt = box_convert(torch.tensor([a["bbox"] for a in target["annotations"]]), "xywh", "xyxy")
+        gt_classes = torch.tensor([a["category_id"] for a in target["annotations"]])
+        iou = box_iou(gt, det["boxes"])
+        # Every object is found: a same-class detection overlaps it with IoU > 0.5.
+        hit = (iou > 0.5) & (gt_classes[:, None] == det["labels"][None, :])
+        assert hit.any(dim=1).all(), (gt, det)
+
+
+def _save(model, processor, folder):
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def test_save_load_round_trip_is_bit_exact(tiny_detector, tmp_path):
+    model, processor = tiny_detector
+    model.eval()
+    _save(model, processor, tmp_path)
+    loaded = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()
+    assert type(loaded) is SADForObjectDetection
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)).__name__ == "SADImageProcessor"
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.pred_boxes, b.pred_boxes)
+    # Batch-norm statistics are persistent buffers and must come back too.
+    for (name, buf), (_, buf2) in zip(model.named_buffers(), loaded.named_buffers()):
+        assert torch.equal(buf, buf2), name
+
+
+def test_remote_code_route_loads_without_hf_sad(tiny_detector, tmp_path):
+    model, processor = tiny_detector
+    model.eval()
+    _save(model, processor, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForObjectDetection"] == "modeling_sad.SADForObjectDetection"
+    for name in ("modeling_sad.py", "configuration_sad.py", "image_processing_sad.py"):
+        assert (tmp_path / name).exists(), name
+        assert not re.search(r"^\s*(from|import)\s+hf_sad", (tmp_path / name).read_text(), re.MULTILINE), name
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        expected = model(x).logits
+    save_file({"x": x, "logits": expected}, str(tmp_path / "io.safetensors"))
+
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_sad"] = None  # make `import hf_sad` fail in this process
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoImageProcessor, AutoModelForObjectDetection
+        io = load_file(r"{tmp_path / 'io.safetensors'}")
+        model = AutoModelForObjectDetection.from_pretrained(r"{tmp_path}", trust_remote_code=True).eval()
+        processor = AutoImageProcessor.from_pretrained(r"{tmp_path}", trust_remote_code=True)
+        assert "hf_sad" not in type(model).__module__, type(model).__module__
+        with torch.no_grad():
+            logits = model(io["x"]).logits
+        assert torch.equal(logits, io["logits"]), (logits - io["logits"]).abs().max()
+        print("OK", type(model).__module__, type(processor).__name__)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("OK transformers_modules"), result.stdout
+
+
+def test_pipeline_returns_named_detections(tiny_detector, tmp_path):
+    model, processor = tiny_detector
+    _save(model, processor, tmp_path)
+    detector = pipeline("object-detection", model=str(tmp_path), threshold=0.0)
+    image, _ = squares_scene(0, size=160)
+    results = detector(image)
+    assert results, "a threshold of 0 must return detections"
+    assert len(results) <= model.config.max_detections
+    for r in results:
+        assert r["label"] in LABELS.values()
+        box = r["box"]
+        assert 0 <= box["xmin"] <= box["xmax"] <= 160 and 0 <= box["ymin"] <= box["ymax"] <= 160
+
+
+@pytest.mark.parametrize(
+    "backbone,kwargs",
+    [
+        ("resnet18", {}),
+        ("convnext_atto", {}),
+        ("efficientnet_b0", {}),
+        ("mobilenetv3_small_050", {}),
+        ("vit_tiny_patch16_224", {"backbone_kwargs": {"dynamic_img_size": True}}),
+    ],
+)
+def test_backbone_families_train_and_round_trip(backbone, kwargs, tmp_path):
+    model, _processor = create_detector(backbone, LABELS, **TINY, **kwargs)
+    labels = make_labels([(0, 0.5, 0.5, 0.4, 0.3)], [])
+    out = model(torch.randn(2, 3, 128, 128), labels=labels)
+    assert out.spatial_shapes.tolist() == [[16, 16], [8, 8], [4, 4], [2, 2], [1, 1]]
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), "every parameter gets a finite gradient"
+
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()
+    expected, restored = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == restored.keys()
+    assert all(torch.equal(expected[k], restored[k]) for k in expected), "weights and buffers restored bit-exactly"
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        # Not torch.equal: safetensors tensors are memory-mapped, and for some layers (EfficientNet's depthwise convs)
+        # oneDNN picks another kernel for a non-64-byte-aligned weight, which rounds differently (~1e-7).
+        torch.testing.assert_close(model(x).logits, loaded(x).logits, rtol=0, atol=1e-5)

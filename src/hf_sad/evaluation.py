@@ -185,3 +185,73 @@ def coco_map(
     metric = CocoMeanAveragePrecision(id2label)
     metric.update(predictions, targets)
     return metric.compute()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer glue: detections and ground truth travel through `Trainer.evaluate` as padded tensors, which it pads across
+# processes (with -100) and gathers like any logits; `DetectionMetrics` unpacks them.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def pack_detections(detections: Sequence[Mapping[str, Any]]) -> Any:
+    """Per-image `{"scores", "labels", "boxes"}` -> (B, K, 6) float tensor of rows (x1, y1, x2, y2, score, label).
+
+    Boxes are xyxy absolute pixels; padding rows have label -1.
+    """
+    import torch
+
+    size = max(1, max((len(d["scores"]) for d in detections), default=0))
+    packed = torch.full((len(detections), size, 6), -1.0, device=detections[0]["boxes"].device)
+    for i, d in enumerate(detections):
+        n = len(d["scores"])
+        packed[i, :n, :4] = d["boxes"].float()
+        packed[i, :n, 4] = d["scores"].float()
+        packed[i, :n, 5] = d["labels"].float()
+    return packed
+
+
+def pack_targets(labels: Sequence[Mapping[str, Any]]) -> Any:
+    """Collator labels -> (B, M, 6) float tensor of rows (x1, y1, x2, y2, label, iscrowd) in original-image pixels.
+
+    The labels' boxes are normalised cxcywh, scaled here by each image's `orig_size` (height, width); padding rows
+    have label -1.
+    """
+    import torch
+    from torchvision.ops import box_convert
+
+    size = max(1, max((len(t["class_labels"]) for t in labels), default=0))
+    packed = torch.full((len(labels), size, 6), -1.0, device=labels[0]["boxes"].device)
+    for i, t in enumerate(labels):
+        n = len(t["class_labels"])
+        height, width = t["orig_size"].tolist()
+        scale = t["boxes"].new_tensor([width, height, width, height])
+        packed[i, :n, :4] = box_convert(t["boxes"].float() * scale, "cxcywh", "xyxy")
+        packed[i, :n, 4] = t["class_labels"].float()
+        packed[i, :n, 5] = t["iscrowd"].float() if "iscrowd" in t else 0.0
+    return packed
+
+
+class DetectionMetrics:
+    """`compute_metrics` for `Trainer`: COCO mAP from the packed tensors of `pack_detections` / `pack_targets`.
+
+    Accepts an `EvalPrediction` whose `predictions` and `label_ids` are lists of per-batch arrays
+    (`eval_do_concat_batches=False`) or single arrays.
+    """
+
+    def __init__(self, id2label: Mapping[int, str]):
+        self.id2label = {int(k): v for k, v in id2label.items()}
+
+    def __call__(self, eval_prediction: Any) -> dict[str, float]:
+        metric = CocoMeanAveragePrecision(self.id2label)
+        predictions, label_ids = eval_prediction.predictions, eval_prediction.label_ids
+        if not isinstance(predictions, (list, tuple)):
+            predictions, label_ids = [predictions], [label_ids]
+        for batch_pred, batch_gt in zip(predictions, label_ids):
+            batch_pred, batch_gt = np.asarray(batch_pred), np.asarray(batch_gt)
+            for pred, gt in zip(batch_pred, batch_gt):
+                pred, gt = pred[pred[:, 5] >= 0], gt[gt[:, 4] >= 0]
+                metric.update(
+                    [{"boxes": pred[:, :4], "scores": pred[:, 4], "labels": pred[:, 5].astype(np.int64)}],
+                    [{"boxes": gt[:, :4], "labels": gt[:, 4].astype(np.int64), "iscrowd": gt[:, 5].astype(np.int64)}],
+                )
+        return metric.compute()

@@ -1,0 +1,380 @@
+"""Data for distillation: labeled detection datasets, unlabeled image streams, the mixed training stream, the collator.
+
+Labeled data is the transformers object-detection schema (as in cppe-5 and transformers' object-detection example):
+an `image` column and `objects` with `bbox` (COCO x, y, w, h in absolute pixels) and `category` (class ids, ideally a
+`ClassLabel` so names can be checked against the model). Unlabeled data is anything with an image column.
+
+Training always reads one stream (`build_training_stream`): the labeled images repeated without end, optionally
+interleaved with unlabeled images, each row numbered by `sample_index`. The collator derives each row's augmentation
+from that number rather than from the global RNG, so a run resumed from a checkpoint (which replays the stream up to
+the checkpoint) sees exactly the pixels an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets import ClassLabel, Features, List, Value
+from datasets import Image as ImageFeature
+from PIL import Image, ImageOps
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+from .image_processing_sad import SADImageProcessor, get_resize_output_size
+
+logger = logging.getLogger(__name__)
+
+#: Schema of the training stream. Images stay undecoded (bytes/path) until the collator, which decodes them itself so
+#: that one corrupt file in an unlabeled pool can be counted and skipped instead of killing a DataLoader worker.
+STREAM_FEATURES = Features(
+    {
+        "image": ImageFeature(decode=False),
+        "objects": {"bbox": List(List(Value("float32"), length=4)), "category": List(Value("int64"))},
+        "is_labeled": Value("bool"),
+    }
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_coco_detection(annotation_file: str | Path, image_dir: str | Path | None = None) -> datasets.Dataset:
+    """A COCO detection json + image folder as a `datasets.Dataset` in the transformers detection schema.
+
+    Category ids (any integers) become contiguous `ClassLabel` ids in increasing COCO id order, named by the json's
+    `categories`. `image_dir` defaults to `images/` beside the json if it exists, else the json's folder.
+    """
+    annotation_file = Path(annotation_file)
+    coco = json.loads(annotation_file.read_text())
+    if image_dir is None:
+        image_dir = annotation_file.parent / "images"
+        if not image_dir.is_dir():
+            image_dir = annotation_file.parent
+    image_dir = Path(image_dir)
+    categories = sorted(coco.get("categories", []), key=lambda c: c["id"])
+    if not categories:
+        raise ValueError(f"{annotation_file}: no 'categories'; a COCO detection file must list its classes.")
+    to_label = {c["id"]: i for i, c in enumerate(categories)}
+    per_image: dict[int, dict[str, list]] = {img["id"]: {"bbox": [], "category": [], "area": [], "id": []}
+                                             for img in coco["images"]}
+    for ann in coco.get("annotations", []):
+        if ann["image_id"] not in per_image:
+            raise ValueError(
+                f"{annotation_file}: annotation {ann.get('id')} refers to unknown image {ann['image_id']}."
+            )
+        if ann["category_id"] not in to_label:
+            raise ValueError(
+                f"{annotation_file}: annotation {ann.get('id')} has category_id {ann['category_id']}, which is not in "
+                f"'categories' ({sorted(to_label)})."
+            )
+        objects = per_image[ann["image_id"]]
+        objects["bbox"].append([float(v) for v in ann["bbox"]])
+        objects["category"].append(to_label[ann["category_id"]])
+        objects["area"].append(float(ann.get("area", ann["bbox"][2] * ann["bbox"][3])))
+        objects["id"].append(int(ann.get("id", len(objects["id"]))))
+    features = Features(
+        {
+            "image_id": Value("int64"),
+            "image": ImageFeature(),
+            "width": Value("int32"),
+            "height": Value("int32"),
+            "objects": {
+                "id": List(Value("int64")),
+                "area": List(Value("float32")),
+                "bbox": List(List(Value("float32"), length=4)),
+                "category": List(ClassLabel(names=[c["name"] for c in categories])),
+            },
+        }
+    )
+    rows = {
+        "image_id": [img["id"] for img in coco["images"]],
+        "image": [str(image_dir / img["file_name"]) for img in coco["images"]],
+        "width": [img.get("width", 0) for img in coco["images"]],
+        "height": [img.get("height", 0) for img in coco["images"]],
+        "objects": [per_image[img["id"]] for img in coco["images"]],
+    }
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def load_labeled_dataset(source: str | Path, split: str = "train") -> datasets.Dataset:
+    """Labeled detection data from a COCO json, a folder, a saved dataset, or the Hub.
+
+    - a `.json` file: COCO annotations (images beside it or in `images/`);
+    - a folder with `annotations.json` (or `<split>.json`): COCO;
+    - a folder with `metadata.jsonl`: a datasets `imagefolder` (its `objects` column holds the boxes);
+    - a folder written by `Dataset.save_to_disk`;
+    - anything else: `datasets.load_dataset(source, split=split)` (a Hub id such as `cppe-5`).
+    """
+    path = Path(source)
+    if path.suffix == ".json" and path.is_file():
+        return load_coco_detection(path)
+    if path.is_dir():
+        for name in (f"{split}.json", "annotations.json"):
+            if (path / name).is_file():
+                return load_coco_detection(path / name)
+        if (path / "metadata.jsonl").is_file() or (path / split / "metadata.jsonl").is_file():
+            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            return datasets.load_from_disk(str(path))
+        raise ValueError(
+            f"{path} is not a labeled dataset: expected a COCO json ({split}.json or annotations.json), an imagefolder "
+            "with metadata.jsonl, or a folder written by Dataset.save_to_disk."
+        )
+    return datasets.load_dataset(str(source), split=split)
+
+
+def load_unlabeled_images(source: str | Path, split: str = "train", streaming: bool = True) -> datasets.IterableDataset:
+    """Unlabeled images as a stream: an image folder, parquet shards (a folder or glob), or a Hub dataset id.
+
+    Store large pools as several parquet shards: a streaming `imagefolder` has a single shard, so it cannot be split
+    across processes and workers.
+    """
+    path = Path(source)
+    if path.is_dir():
+        parquet = sorted(str(p) for p in path.rglob("*.parquet"))
+        if parquet:
+            ds = datasets.load_dataset("parquet", data_files=parquet, split="train", streaming=streaming)
+        else:
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train", streaming=streaming)
+    elif str(source).endswith(".parquet") or "*" in str(source):
+        ds = datasets.load_dataset("parquet", data_files=str(source), split="train", streaming=streaming)
+    else:
+        ds = datasets.load_dataset(str(source), split=split, streaming=streaming)
+    return ds if isinstance(ds, datasets.IterableDataset) else ds.to_iterable_dataset()
+
+
+def dataset_label_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str] | None:
+    """Class names of a detection dataset's `objects.category` ClassLabel, or None when categories are plain ints."""
+    objects = (dataset.features or {}).get("objects")
+    if objects is None:
+        return None
+    category = objects["category"] if isinstance(objects, Mapping) else getattr(objects, "feature", {}).get("category")
+    feature = getattr(category, "feature", category)
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+def category_mapping(
+    dataset: datasets.Dataset | datasets.IterableDataset, id2label: Mapping[int, str]
+) -> dict[int, int]:
+    """Dataset category id -> model label id, matching by class name. A name the model does not know is an error."""
+    names = dataset_label_names(dataset)
+    if names is None:
+        return {i: i for i in range(len(id2label))}
+    label2id = {name: int(i) for i, name in id2label.items()}
+    unknown = [n for n in names if n not in label2id]
+    if unknown:
+        raise ValueError(
+            f"The dataset's categories {unknown} are not among the model's labels {sorted(label2id)}. Build the model "
+            "with the dataset's class names (id2label), or remap the dataset's categories."
+        )
+    return {i: label2id[name] for i, name in enumerate(names)}
+
+
+def map_categories(categories: Sequence[int], mapping: Mapping[int, int] | None) -> list[int]:
+    """Dataset category ids -> model label ids (identity without a mapping); an unknown id is an error naming it."""
+    if mapping is None:
+        return [int(c) for c in categories]
+    try:
+        return [mapping[int(c)] for c in categories]
+    except KeyError as err:
+        raise ValueError(f"Category id {err.args[0]} is not in the dataset's label map {dict(mapping)}.") from None
+
+
+def image_column(dataset: datasets.Dataset | datasets.IterableDataset) -> str:
+    """Name of the (first) image column of a dataset."""
+    features = dataset.features or {}
+    for name, feature in features.items():
+        if isinstance(feature, ImageFeature):
+            return name
+    if "image" in features or not features:
+        return "image"
+    raise ValueError(f"No image column found; the dataset has columns {sorted(features)} (expected an Image feature).")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training stream
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _objects_as_columns(objects: Any) -> dict[str, list]:
+    """`objects` as {"bbox": [...], "category": [...]}, whether stored as a dict of lists or a list of dicts."""
+    if isinstance(objects, Mapping):
+        return {"bbox": list(objects["bbox"]), "category": list(objects["category"])}
+    return {"bbox": [o["bbox"] for o in objects], "category": [o["category"] for o in objects]}
+
+
+def _check_labeled_schema(dataset: datasets.Dataset | datasets.IterableDataset, name: str) -> None:
+    columns = set(dataset.column_names or [])
+    if "objects" not in columns:
+        raise ValueError(
+            f"{name} has columns {sorted(columns)}; a labeled detection dataset needs an image column and `objects` "
+            "with `bbox` (COCO x, y, w, h in pixels) and `category` (class ids)."
+        )
+
+
+def _as_stream_rows(dataset: datasets.IterableDataset, labeled: bool, mapping: Mapping[int, int] | None):
+    column = image_column(dataset)
+    dataset = dataset.cast_column(column, ImageFeature(decode=False))
+
+    def to_row(example: dict) -> dict:
+        if labeled:
+            objects = _objects_as_columns(example["objects"])
+            objects["category"] = map_categories(objects["category"], mapping)
+        else:
+            objects = {"bbox": [], "category": []}
+        return {"image": example[column], "objects": objects, "is_labeled": labeled}
+
+    return dataset.map(to_row, remove_columns=dataset.column_names, features=STREAM_FEATURES)
+
+
+def build_training_stream(
+    labeled: datasets.Dataset | datasets.IterableDataset,
+    unlabeled: datasets.IterableDataset | datasets.Dataset | None = None,
+    *,
+    unlabeled_ratio: float = 0.5,
+    category_map: Mapping[int, int] | None = None,
+    seed: int = 42,
+    num_shards: int = 8,
+    shuffle_buffer: int = 1000,
+) -> datasets.IterableDataset:
+    """One endless stream of training rows: labeled images (shuffled, repeated) interleaved with unlabeled images.
+
+    Each row has `image` (undecoded), `objects` (boxes and model label ids; empty for unlabeled rows), `is_labeled`,
+    and `sample_index` (its position in the stream). A share `unlabeled_ratio` of the rows is unlabeled on average;
+    with 0.5 the two alternate exactly, as in the paper. A finite unlabeled set is repeated as well.
+
+    `num_shards` splits map-style data into that many shards, so that accelerate can give each process whole shards
+    (disjoint data) and DataLoader workers can share the work; keep it a multiple of processes x workers.
+    """
+    _check_labeled_schema(labeled, "train_dataset")
+    if isinstance(labeled, datasets.Dataset):
+        labeled = labeled.to_iterable_dataset(num_shards=min(num_shards, max(1, len(labeled))))
+    stream = _as_stream_rows(labeled, True, category_map).shuffle(seed=seed, buffer_size=shuffle_buffer).repeat(None)
+    if unlabeled is not None and unlabeled_ratio > 0:
+        if isinstance(unlabeled, datasets.Dataset):
+            unlabeled = unlabeled.to_iterable_dataset(num_shards=min(num_shards, max(1, len(unlabeled))))
+        unlabeled_rows = _as_stream_rows(unlabeled, False, None).repeat(None)
+        if unlabeled_ratio == 0.5:
+            stream = datasets.interleave_datasets([stream, unlabeled_rows], stopping_strategy="all_exhausted")
+        else:
+            stream = datasets.interleave_datasets(
+                [stream, unlabeled_rows],
+                probabilities=[1 - unlabeled_ratio, unlabeled_ratio],
+                seed=seed,
+                stopping_strategy="all_exhausted",
+            )
+    features = STREAM_FEATURES.copy()
+    features["sample_index"] = Value("int64")
+    return stream.map(lambda _, index: {"sample_index": index}, with_indices=True, features=features)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding, augmentation, collation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def decode_image(value: Any) -> Image.Image:
+    """An RGB PIL image from a PIL image or a datasets `{"bytes", "path"}` dict, with EXIF orientation applied.
+
+    Raises `OSError`/`ValueError` (from PIL) for undecodable data.
+    """
+    if isinstance(value, Mapping):
+        data, path = value.get("bytes"), value.get("path")
+        image = Image.open(io.BytesIO(data)) if data else Image.open(path)
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise ValueError(f"Unsupported image value of type {type(value).__name__}.")
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: scale to 8 bits rather than letting PIL clip everything above 255 to white.
+        array = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+class SADDataCollator:
+    """Turns rows (training-stream rows or plain labeled examples) into model inputs.
+
+    Rows with a `sample_index` (training) get a horizontal flip with probability `hflip_prob` and a scale jitter: the
+    processor's target size times a factor drawn from `scale_range`; both are drawn from a generator seeded by
+    (`seed`, process, worker, `sample_index`), so augmentation never touches the global RNG. Boxes follow the pixels
+    through `torchvision.transforms.v2.functional` with `tv_tensors.BoundingBoxes`. Rows without it (evaluation) are
+    only resized by the processor.
+
+    Returns a dict with `pixel_values` (B, 3, H, W), `pixel_mask` (B, H, W), `labels` (one dict per row, normalised
+    cxcywh boxes; empty for unlabeled rows) and `is_labeled` (B,) bool.
+    """
+
+    def __init__(
+        self,
+        processor: SADImageProcessor,
+        *,
+        hflip_prob: float = 0.5,
+        scale_range: tuple[float, float] = (0.8, 1.2),
+        seed: int = 42,
+        category_map: Mapping[int, int] | None = None,
+    ):
+        self.processor = processor
+        self.hflip_prob = hflip_prob
+        self.scale_range = scale_range
+        self.seed = seed
+        self.category_map = category_map
+
+    def _generator(self, sample_index: int) -> torch.Generator:
+        worker = torch.utils.data.get_worker_info()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        key = np.random.SeedSequence([self.seed, rank, worker.id if worker else 0, int(sample_index)])
+        return torch.Generator().manual_seed(int(key.generate_state(1, dtype=np.uint64)[0] >> 1))
+
+    def _augment(self, image: Image.Image, boxes: torch.Tensor, sample_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = self._generator(sample_index)
+        pixels = TF.to_image(image)
+        height, width = pixels.shape[-2:]
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYWH", canvas_size=(height, width))
+        if torch.rand((), generator=generator) < self.hflip_prob:
+            pixels, boxes = TF.horizontal_flip(pixels), TF.horizontal_flip(boxes)
+        low, high = self.scale_range
+        scale = low + (high - low) * torch.rand((), generator=generator).item()
+        out_h, out_w = get_resize_output_size(height, width, self.processor.size)
+        size = [max(1, round(out_h * scale)), max(1, round(out_w * scale))]
+        pixels, boxes = TF.resize(pixels, size, antialias=True), TF.resize(boxes, size)
+        return pixels, boxes.as_subclass(torch.Tensor)
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
+        training = "sample_index" in rows[0]
+        images, annotations, is_labeled = [], [], []
+        for i, row in enumerate(rows):
+            image = decode_image(row["image"])
+            objects = _objects_as_columns(row.get("objects") or {"bbox": [], "category": []})
+            categories = [int(c) for c in objects["category"]]
+            if not training:  # training-stream rows were mapped when the stream was built
+                categories = map_categories(categories, self.category_map)
+            boxes = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
+            if training:
+                image, boxes = self._augment(image, boxes, row["sample_index"])
+            image_id = int(row.get("sample_index", row.get("image_id", i)))
+            annotations.append({
+                "image_id": image_id,
+                "annotations": [{"bbox": b.tolist(), "category_id": c} for b, c in zip(boxes, categories)],
+            })
+            images.append(image)
+            is_labeled.append(bool(row.get("is_labeled", True)))
+        batch = self.processor(images=images, annotations=annotations, do_resize=not training, return_tensors="pt")
+        return {
+            "pixel_values": batch["pixel_values"],
+            "pixel_mask": batch["pixel_mask"],
+            "labels": batch["labels"],
+            "is_labeled": torch.tensor(is_labeled, dtype=torch.bool),
+        }

@@ -1,0 +1,399 @@
+"""Model cards for distilled students and pushing saved students to the Hugging Face Hub.
+
+`create_model_card` renders the package's Jinja template (`hf_sad/model_cards/student.md`) into a
+`huggingface_hub.ModelCard` with structured metadata (`pipeline_tag`, `library_name`, `base_model`, `model-index`);
+`push_to_hub` uploads a folder written by `save_pretrained` (model + image processor + card) with `HfApi`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+logger = logging.getLogger(__name__)
+
+CARD_TEMPLATE = "student.md"
+CARD_TAGS = ["hf-sad", "object-detection", "knowledge-distillation", "semi-supervised", "retinanet"]
+
+# COCO box AP summary keys (as returned by `hf_sad.evaluation`) -> column names of the card's results table.
+RESULT_COLUMNS = {
+    "map": "mAP",
+    "map_50": "mAP@50",
+    "map_75": "mAP@75",
+    "map_small": "mAP (small)",
+    "map_medium": "mAP (medium)",
+    "map_large": "mAP (large)",
+}
+# Keys that go into the structured `model-index`, with the IoU range each one averages over.
+MODEL_INDEX_METRICS = {"map": "IoU=0.50:0.95", "map_50": "IoU=0.50", "map_75": "IoU=0.75"}
+
+# Never uploaded: Trainer checkpoints and state (pickles, optimizer moments, absolute paths in trainer_state.json).
+PUSH_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "*/checkpoint-*",
+    "runs/*",
+    "training_args.bin",
+    "trainer_state.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.pkl",
+    "*.pickle",
+    ".ipynb_checkpoints/*",
+    "*.lock",
+]
+DEFAULT_COMMIT_MESSAGE = "Upload SAD student detector with hf-sad"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SECRET_KEY = re.compile(r"token(?!iz)|secret|password|api_?key|credential", re.IGNORECASE)
+_MAX_SCANNED_BYTES = 64 * 1024 * 1024  # token scan before upload: larger files are weights, read only in chunks
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def card_template() -> str:
+    """The Jinja source of the student model card, read from the installed package (works from a wheel or zip)."""
+    return resources.files("hf_sad.model_cards").joinpath(CARD_TEMPLATE).read_text(encoding="utf-8")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` is a filesystem path rather than a Hub id: absolute, home- or dot-relative, or existing."""
+    if not name:
+        return False
+    if name.startswith(("~", ".", "/", "\\")) or PureWindowsPath(name).drive or os.path.isabs(name):
+        return True
+    return Path(name).exists()
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` looks like a Hub repo id `namespace/name` (and is not a local path that happens to match)."""
+    if not name or looks_like_local_path(name):
+        return False
+    return bool(_HUB_ID.match(name)) and ".." not in name and "--" not in name and not name.endswith(".git")
+
+
+def public_name(name: str) -> str:
+    """`name` safe to publish: a local path is reduced to its last component (the card never shows local paths)."""
+    if not looks_like_local_path(name):
+        return name
+    parts = PureWindowsPath(name).parts if "\\" in name else PurePosixPath(os.path.expanduser(name)).parts
+    return parts[-1] if parts and parts[-1] not in ("/", "\\") else name.strip("/\\~.") or "local"
+
+
+def _source_display(name: str | None, *, what: str) -> str:
+    """Markdown for a teacher or data set: a Hub link for a Hub id, the folder name for a local path."""
+    if not name:
+        return "not recorded"
+    if is_hub_id(name):
+        return f"[`{name}`](https://huggingface.co/{name})"
+    if looks_like_local_path(name):
+        return f"`{public_name(name)}` (a local {what}, not on the Hub)"
+    return f"`{name}`"
+
+
+def _fraction(value: Any) -> float | None:
+    """A metric value as a float in [0, 1], or None when missing / NaN (COCO gives -1 or NaN for empty areas)."""
+    if value is None:
+        return None
+    value = float(value.item() if hasattr(value, "item") else value)
+    if math.isnan(value) or value < 0:
+        return None
+    if value > 1.0:
+        raise ValueError(f"Metrics must be fractions in [0, 1] as returned by hf_sad.evaluation, got {value}.")
+    return value
+
+
+def normalize_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """COCO metrics -> `{key: fraction}` for the known AP keys; `eval_` / `test_` prefixes are stripped."""
+    out: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        key = re.sub(r"^(eval|test|validation|val)_", "", key)
+        if key in RESULT_COLUMNS and (fraction := _fraction(value)) is not None:
+            out[key] = fraction
+    return out
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}"
+
+
+def _format_value(value: Any) -> str:
+    """A hyper-parameter value for a markdown table cell (local paths reduced to their last component)."""
+    if isinstance(value, str):
+        text = public_name(value)
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, Mapping):
+        text = ", ".join(f"{k}={_format_value(v)}" for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(_format_value(v) for v in value)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _hyperparameter_rows(hyperparameters: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """`(name, value)` rows; anything named like a credential is dropped, never rendered."""
+    return [
+        (str(name), _format_value(value))
+        for name, value in (hyperparameters or {}).items()
+        if value is not None and not _SECRET_KEY.search(str(name))
+    ]
+
+
+def _results_rows(
+    rows: Sequence[tuple[str, dict[str, float]]],
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The results table: the columns present in any row, and per model its values in percent."""
+    keys = [key for key in RESULT_COLUMNS if any(key in metrics for _, metrics in rows)]
+    table = [
+        {"name": name, "values": [_percent(metrics.get(key)) for key in keys]} for name, metrics in rows if metrics
+    ]
+    return [RESULT_COLUMNS[key] for key in keys], table
+
+
+def _eval_results(metrics: dict[str, float], *, dataset_type: str, dataset_name: str) -> list[EvalResult]:
+    """The student's mAP (percent) as `model-index` entries."""
+    return [
+        EvalResult(
+            task_type="object-detection",
+            task_name="Object Detection",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            metric_type="mAP",
+            metric_name=RESULT_COLUMNS[key],
+            metric_config=iou,
+            metric_value=round(100 * metrics[key], 2),
+        )
+        for key, iou in MODEL_INDEX_METRICS.items()
+        if key in metrics
+    ]
+
+
+def create_model_card(
+    *,
+    model_name: str,
+    id2label: Mapping[int | str, str],
+    backbone: str,
+    teacher: str | None = None,
+    teacher_backbone: str | None = None,
+    datasets: Sequence[str] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    teacher_metrics: Mapping[str, Any] | None = None,
+    baseline_metrics: Mapping[str, Any] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    dataset_name: str = "custom",
+    detections_image: str | None = "detections.png",
+    repo_id: str | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """Render the model card (`README.md`) of a distilled student.
+
+    Args:
+        model_name: title of the card and name of the `model-index` entry (a local path is reduced to its folder name).
+        id2label: class id -> class name of the student.
+        backbone: timm name of the student's backbone, e.g. `"resnet18"`.
+        teacher: Hub id (`namespace/name`) or local path of the teacher. Only a Hub id becomes `base_model`; a local
+            path is shown by its folder name and marked local.
+        teacher_backbone: timm name of the teacher's backbone, if known.
+        datasets: training data sets; Hub ids go into the `datasets` metadata, local paths are shown by name only.
+        metrics: the student's COCO metrics as fractions in [0, 1] (`map`, `map_50`, `map_75`, `map_small`, ...;
+            `eval_` prefixes are accepted). They are published in percent.
+        teacher_metrics: the teacher's COCO metrics on the same data, same format.
+        baseline_metrics: a supervised-only student's COCO metrics on the same data, same format.
+        hyperparameters: distillation settings shown as a table (`distill_loss`, `adl_beta`, `adl_gamma`,
+            `temperature`, `normalizer`, `unlabeled_ratio`, `steps`, `lr`, `image_size`, ...). Keys that name a
+            credential (`*token*`, `*secret*`, ...) are dropped.
+        dataset_name: human-readable name of the evaluation data set.
+        detections_image: file name, inside the repo, of a picture of detections; `None` when there is none.
+        repo_id: Hub id the card is written for, used in the usage snippet.
+        license: license identifier for the metadata (e.g. `"apache-2.0"`), optional.
+
+    Returns:
+        A `huggingface_hub.ModelCard`; `card.save(folder / "README.md")` writes it.
+    """
+    hub_datasets = [d for d in datasets or [] if is_hub_id(d)]
+    if dataset_name == "custom" and hub_datasets:
+        dataset_name = hub_datasets[0]
+    dataset_name = public_name(dataset_name)
+    model_name = public_name(model_name)
+    student = normalize_metrics(metrics)
+
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag="object-detection",
+        tags=list(CARD_TAGS),
+        license=license,
+        base_model=teacher if is_hub_id(teacher) else None,
+        datasets=hub_datasets or None,
+        eval_results=_eval_results(
+            student,
+            dataset_type=dataset_name if is_hub_id(dataset_name) else re.sub(r"[^\w.-]+", "-", dataset_name).strip("-"),
+            dataset_name=dataset_name,
+        )
+        or None,
+    )
+    columns, rows = _results_rows(
+        [
+            (f"**{model_name}** (student, SAD)", student),
+            (f"teacher{f' ({teacher_backbone})' if teacher_backbone else ''}", normalize_metrics(teacher_metrics)),
+            ("supervised baseline (same student, no distillation)", normalize_metrics(baseline_metrics)),
+        ]
+    )
+    labels = [name for _, name in sorted((int(k), v) for k, v in id2label.items())]
+    return ModelCard.from_template(
+        card_data,
+        # Read through importlib.resources (a real file is not guaranteed, e.g. zipped installs), so pass the text.
+        template_str=card_template(),
+        model_name=model_name,
+        backbone=backbone,
+        num_classes=len(labels),
+        classes_display=", ".join(f"`{name}`" for name in labels),
+        teacher_display=_source_display(teacher, what="checkpoint"),
+        teacher_backbone=teacher_backbone,
+        data_display=", ".join(_source_display(d, what="data set") for d in datasets) if datasets else dataset_name,
+        dataset_display=f"`{dataset_name}`",
+        hyperparameters=_hyperparameter_rows(hyperparameters),
+        result_columns=columns,
+        results_rows=rows,
+        detections_image=PurePosixPath(detections_image.replace("\\", "/")).name if detections_image else None,
+        repo_id=repo_id or f"your-username/{model_name}",
+        license=license,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Push
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_saved_student(model_dir: str | os.PathLike) -> Path:
+    """Check that `model_dir` holds a saved SAD detector and its image processor; return it as a `Path`.
+
+    Raises:
+        FileNotFoundError: naming every required file that is missing (config.json, safetensors weights,
+            preprocessor_config.json).
+        ValueError: config.json is not a SAD config (`model_type` is not `"sad"`).
+    """
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; save the student with save_pretrained first.")
+    missing = []
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        missing.append("config.json (model.save_pretrained)")
+    if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        missing.append("model.safetensors weights (model.save_pretrained with safetensors)")
+    if not (folder / "preprocessor_config.json").is_file():
+        missing.append("preprocessor_config.json (processor.save_pretrained)")
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a saved SAD student; missing: {'; '.join(missing)}.")
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    if model_type != "sad":
+        raise ValueError(f"{config_file} has model_type {model_type!r}, expected 'sad' (an hf_sad detector).")
+    if not (folder / "README.md").is_file():
+        logger.warning("%s has no README.md: the repo gets no model card (see hf_sad.hub.create_model_card).", folder)
+    return folder
+
+
+def files_to_upload(model_dir: str | os.PathLike) -> list[str]:
+    """Relative paths (posix) of the files `push_to_hub` uploads from `model_dir`, with the same filters."""
+    folder = Path(model_dir)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return list(filter_repo_objects(files, ignore_patterns=PUSH_IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+
+
+def _files_containing(folder: Path, files: Sequence[str], secret: str) -> list[str]:
+    """Those of `files` (relative to `folder`) whose bytes contain `secret`; big files are read in 1 MiB chunks."""
+    needle = secret.encode()
+    hits = []
+    for name in files:
+        with (folder / name).open("rb") as f:
+            tail = b""
+            for _ in range(_MAX_SCANNED_BYTES // (1 << 20)):
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                if needle in tail + chunk:
+                    hits.append(name)
+                    break
+                tail = chunk[-len(needle) :]
+    return hits
+
+
+def push_to_hub(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    revision: str | None = None,
+) -> str:
+    """Upload a saved student folder (weights, config, remote code, image processor, card, pictures, results).
+
+    Trainer checkpoints and pickles (`checkpoint-*`, `training_args.bin`, `*.bin`, `*.pt`, optimizer and scheduler
+    states) are never uploaded; the weights go as safetensors.
+
+    Args:
+        model_dir: folder written by `model.save_pretrained` + `processor.save_pretrained` (+ `README.md`).
+        repo_id: target Hub repo, `namespace/name`; created if it does not exist.
+        private: create the repo as private (ignored if it already exists).
+        token: Hub token with write access; `None` uses the usual sources (`HF_TOKEN`, `hf auth login`).
+        commit_message: summary of the commit.
+        revision: branch to push to (created from `main` if missing); `None` pushes to `main`.
+
+    Returns:
+        The URL of the new commit.
+
+    Raises:
+        PermissionError: no token is available (pushing always needs one, and a private repo must never be attempted
+            anonymously).
+        FileNotFoundError / ValueError: `model_dir` is not a saved SAD student (see `check_saved_student`), or a file
+            in it contains the token.
+    """
+    folder = check_saved_student(model_dir)
+    token = token or get_token()
+    if not token:
+        visibility = "a private" if private else "a"
+        raise PermissionError(
+            f"Pushing {visibility} repo ({repo_id}) needs a Hugging Face token with write access: log in with "
+            "`hf auth login`, set HF_TOKEN, or pass token=..."
+        )
+    # A token pasted into a config or card would be published with it: refuse before anything leaves the machine.
+    if leaked := _files_containing(folder, files_to_upload(folder), token):
+        raise ValueError(f"Refusing to upload: these files contain your Hub token: {', '.join(leaked)}.")
+
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_url.repo_id,
+        folder_path=folder,
+        commit_message=commit_message,
+        revision=revision,
+        ignore_patterns=list(PUSH_IGNORE_PATTERNS),
+    )
+    url = getattr(commit, "commit_url", None) or str(repo_url)
+    logger.info("Pushed %s to %s", folder.name, url)
+    return url

@@ -1,0 +1,421 @@
+"""SADTrainer: a transformers `Trainer` that distils a frozen teacher detector into a student with ADL.
+
+One training step takes a mixed batch of labeled and unlabeled images, runs the student once and the teacher once
+(no gradients) over the same augmented pixels, and adds
+
+- the supervised focal + box loss on the labeled images,
+- a distillation term (`distill_loss`) on the labeled images, weighted by `labeled_distill_weight`,
+- a distillation term on the unlabeled images, weighted by `unlabeled_distill_weight`.
+
+Anchors in the ignore band of the ground-truth boxes (labeled images) or of the teacher's pseudo-boxes (unlabeled
+images) are left out of the distillation, as in the original implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import torch
+from torch import nn
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, Trainer, TrainingArguments
+
+from .data import SADDataCollator, build_training_stream, category_mapping, dataset_label_names
+from .evaluation import DetectionMetrics, pack_detections, pack_targets
+from .losses import adaptive_distillation_loss, focal_distillation_loss, hard_pseudo_labels, kl_distillation_loss
+from .modeling_sad import SADForObjectDetection
+
+DISTILL_LOSSES = ("adl", "kl", "fdl", "hard", "none")
+_TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SADTrainingArguments(TrainingArguments):
+    r"""
+    Arguments of [`SADTrainer`]: everything of [`~transformers.TrainingArguments`] plus the distillation settings.
+    Defaults of some inherited fields are changed to what detection needs (see below).
+
+    Parameters:
+        distill_loss (`str`, *optional*, defaults to `"adl"`):
+            `"adl"`: Adaptive Distillation Loss; `"kl"`: plain binary KL; `"fdl"`: focal distillation (hard-to-mimic
+            only, ADL with beta = 0); `"hard"`: teacher detections above `pseudo_label_threshold` as hard targets on
+            unlabeled images (data distillation); `"none"`: supervised training only (a baseline; no teacher needed).
+        adl_beta (`float`, *optional*, defaults to 1.0):
+            ADL weight of the teacher's entropy (hard-to-learn samples), in the paper's sense.
+        adl_gamma (`float`, *optional*, defaults to 2.0):
+            ADL focusing exponent.
+        adl_variant (`str`, *optional*, defaults to `"paper"`):
+            `"paper"` (weight x KL) or `"released"` (weight x alpha-balanced soft cross-entropy, as the original code).
+        distill_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature applied to both logits; the loss is multiplied by its square.
+        distill_normalizer (`str`, *optional*, defaults to `"adaptive"`):
+            `"adaptive"`: max(1, sum of q ** `normalizer_power`) over the distilled anchors, a teacher-defined soft
+            count of positives that also exists on unlabeled images; `"positives"`: the number of positive anchors
+            (ground truth or pseudo-boxes), as RetinaNet normalises its focal loss.
+        normalizer_power (`float`, *optional*, defaults to 1.8):
+            Exponent of the adaptive normaliser.
+        labeled_distill_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the distillation term on labeled images.
+        unlabeled_distill_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the distillation term on unlabeled images.
+        unlabeled_ratio (`float`, *optional*, defaults to 0.5):
+            Share of unlabeled images in the training stream (0.5 alternates labeled and unlabeled, as the paper).
+            Ignored without an unlabeled dataset.
+        pseudo_label_threshold (`float`, *optional*, defaults to 0.5):
+            Teacher score above which a detection becomes a pseudo-box (for `"hard"` and for the ignore mask on
+            unlabeled images).
+        teacher_dtype (`str`, *optional*, defaults to `"auto"`):
+            Dtype of the teacher's weights: `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"` (bfloat16 with
+            `--bf16`, float16 with `--fp16`, else float32).
+        hflip_prob (`float`, *optional*, defaults to 0.5):
+            Probability of a horizontal flip of a training image.
+        scale_jitter (`list[float]`, *optional*, defaults to `[0.8, 1.2]`):
+            Range of the factor applied to the processor's target size for training images.
+    """
+
+    distill_loss: str = field(default="adl", metadata={"help": f"Distillation loss, one of {DISTILL_LOSSES}."})
+    adl_beta: float = field(default=1.0, metadata={"help": "ADL weight of the teacher entropy (paper's beta)."})
+    adl_gamma: float = field(default=2.0, metadata={"help": "ADL focusing exponent."})
+    adl_variant: str = field(default="paper", metadata={"help": "'paper' (x KL) or 'released' (x soft CE)."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
+    distill_normalizer: str = field(default="adaptive", metadata={"help": "'adaptive' or 'positives'."})
+    normalizer_power: float = field(default=1.8, metadata={"help": "Exponent of the adaptive normaliser."})
+    labeled_distill_weight: float = field(default=1.0, metadata={"help": "Weight of distillation on labeled images."})
+    unlabeled_distill_weight: float = field(default=1.0, metadata={"help": "Weight of distillation on unlabeled data."})
+    unlabeled_ratio: float = field(default=0.5, metadata={"help": "Share of unlabeled images in the stream."})
+    pseudo_label_threshold: float = field(default=0.5, metadata={"help": "Teacher score threshold of pseudo-boxes."})
+    teacher_dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto."})
+    hflip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    scale_jitter: list[float] = field(default_factory=lambda: [0.8, 1.2], metadata={"help": "Scale jitter range."})
+
+    # Detection-correct defaults of inherited fields.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all columns: the collator needs them."})
+    eval_do_concat_batches: bool = field(default=False, metadata={"help": "Per-batch predictions for COCO mAP."})
+    ddp_find_unused_parameters: bool = field(default=False, metadata={"help": "Every student parameter is used."})
+    label_names: list[str] = field(default_factory=lambda: ["labels"], metadata={"help": "Inputs holding labels."})
+    metric_for_best_model: str = field(default="map", metadata={"help": "Best checkpoint by COCO mAP."})
+
+    def __post_init__(self):
+        # Batches hold lists of per-image dicts: let every process read its own data instead of concatenating on
+        # rank 0 (which fails on such batches); accelerate then shards the stream by rank.
+        if self.accelerator_config is None:
+            self.accelerator_config = {"dispatch_batches": False}
+        super().__post_init__()
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, expected: str) -> None:
+            raise ValueError(f"SADTrainingArguments.{name}={getattr(self, name)!r} is invalid: expected {expected}.")
+
+        if self.distill_loss not in DISTILL_LOSSES:
+            fail("distill_loss", f"one of {DISTILL_LOSSES}")
+        if self.adl_variant not in ("paper", "released"):
+            fail("adl_variant", "'paper' or 'released'")
+        if self.distill_normalizer not in ("adaptive", "positives"):
+            fail("distill_normalizer", "'adaptive' or 'positives'")
+        if self.teacher_dtype not in (*_TEACHER_DTYPES, "auto"):
+            fail("teacher_dtype", f"one of {(*_TEACHER_DTYPES, 'auto')}")
+        for name in ("adl_beta", "adl_gamma", "labeled_distill_weight", "unlabeled_distill_weight"):
+            if getattr(self, name) < 0:
+                fail(name, "a non-negative number")
+        for name in ("distill_temperature", "normalizer_power"):
+            if getattr(self, name) <= 0:
+                fail(name, "a positive number")
+        if not 0 <= self.unlabeled_ratio < 1:
+            fail("unlabeled_ratio", "a share in [0, 1)")
+        if not 0 < self.pseudo_label_threshold < 1:
+            fail("pseudo_label_threshold", "a score strictly between 0 and 1")
+        if not 0 <= self.hflip_prob <= 1:
+            fail("hflip_prob", "a probability")
+        if len(self.scale_jitter) != 2 or not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
+            fail("scale_jitter", "two factors 0 < low <= high")
+
+    @property
+    def resolved_teacher_dtype(self) -> torch.dtype:
+        if self.teacher_dtype != "auto":
+            return _TEACHER_DTYPES[self.teacher_dtype]
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+
+def check_teacher_compatible(teacher: SADForObjectDetection, student: SADForObjectDetection) -> None:
+    """Raise a ValueError listing every difference that would misalign teacher and student logits.
+
+    Distillation compares the two models anchor by anchor and class by class, so they need the same pyramid levels,
+    the same anchors per location and the same classes in the same order; backbones and widths may differ.
+    """
+    fields = ("min_level", "max_level", "anchor_scale", "scales_per_octave", "aspect_ratios")
+    diffs = [
+        f"{name}: teacher {getattr(teacher.config, name)!r} vs student {getattr(student.config, name)!r}"
+        for name in fields
+        if getattr(teacher.config, name) != getattr(student.config, name)
+    ]
+    teacher_labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
+    student_labels = [student.config.id2label[i] for i in range(student.config.num_labels)]
+    if teacher_labels != student_labels:
+        diffs.append(f"classes (by id): teacher {teacher_labels} vs student {student_labels}")
+    if diffs:
+        raise ValueError(
+            "Teacher and student are not compatible for distillation (their logits would not line up):\n  - "
+            + "\n  - ".join(diffs)
+            + "\nBuild the student with the teacher's levels, anchors and id2label."
+        )
+
+
+def _load_model(model: SADForObjectDetection | str, role: str) -> SADForObjectDetection:
+    if isinstance(model, str):
+        try:
+            model = AutoModelForObjectDetection.from_pretrained(model)
+        except OSError as err:
+            raise ValueError(f"Could not load the {role} from {model!r}: {err}") from err
+    if not isinstance(model, SADForObjectDetection):
+        raise TypeError(f"The {role} must be a SADForObjectDetection, got {type(model).__name__}.")
+    return model
+
+
+class SADTrainer(Trainer):
+    """Distils `teacher_model` into `model` on `train_dataset` (labeled) and `unlabeled_dataset` (images only).
+
+    Args:
+        model: the student, a `SADForObjectDetection` or a path / Hub id.
+        teacher_model: the frozen teacher, a `SADForObjectDetection` or a path / Hub id (loaded with
+            `from_pretrained`). Not needed with `distill_loss="none"`.
+        args: `SADTrainingArguments`.
+        train_dataset: labeled data in the transformers detection schema (`image`, `objects` with `bbox` in COCO
+            xywh pixels and `category`), a `datasets.Dataset` or `IterableDataset`.
+        unlabeled_dataset: any `datasets.Dataset` / `IterableDataset` with an image column, streaming included.
+        eval_dataset: labeled data in the same schema; evaluation reports COCO mAP.
+        processing_class: the student's `SADImageProcessor` (default: loaded from the student's folder).
+    """
+
+    _tag_names = ["hf-sad", "object-detection", "knowledge-distillation"]
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; Trainer scales it for accumulation
+
+    def __init__(
+        self,
+        model: SADForObjectDetection | str,
+        teacher_model: SADForObjectDetection | str | None = None,
+        args: SADTrainingArguments | None = None,
+        train_dataset: datasets.Dataset | datasets.IterableDataset | None = None,
+        unlabeled_dataset: datasets.Dataset | datasets.IterableDataset | None = None,
+        eval_dataset: datasets.Dataset | None = None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        **kwargs,
+    ):
+        args = args or SADTrainingArguments(output_dir="sad-student")
+        if not isinstance(args, SADTrainingArguments):
+            raise TypeError(f"args must be SADTrainingArguments, got {type(args).__name__}.")
+        model = _load_model(model, "student")
+        teacher = None
+        if args.distill_loss != "none":
+            if teacher_model is None:
+                raise ValueError(
+                    f"distill_loss={args.distill_loss!r} needs a teacher_model (or use distill_loss='none')."
+                )
+            teacher = _load_model(teacher_model, "teacher")
+            check_teacher_compatible(teacher, model)
+        if processing_class is None:
+            processing_class = AutoImageProcessor.from_pretrained(model.name_or_path)
+
+        category_map = None
+        if train_dataset is not None:
+            category_map = category_mapping(train_dataset, model.config.id2label)
+            if eval_dataset is not None and dataset_label_names(eval_dataset) != dataset_label_names(train_dataset):
+                raise ValueError(
+                    f"eval_dataset classes {dataset_label_names(eval_dataset)} differ from train_dataset classes "
+                    f"{dataset_label_names(train_dataset)}."
+                )
+            if args.max_steps <= 0:
+                args.max_steps = self._steps_for_epochs(args, train_dataset, unlabeled_dataset)
+            train_dataset = build_training_stream(
+                train_dataset,
+                unlabeled_dataset,
+                unlabeled_ratio=args.unlabeled_ratio,
+                category_map=category_map,
+                seed=args.data_seed if args.data_seed is not None else args.seed,
+                num_shards=max(8, args.world_size * max(1, args.dataloader_num_workers)),
+            )
+        elif eval_dataset is not None:
+            category_map = category_mapping(eval_dataset, model.config.id2label)
+        collator = SADDataCollator(
+            processing_class,
+            hflip_prob=args.hflip_prob,
+            scale_range=tuple(args.scale_jitter),
+            seed=args.seed,
+            category_map=category_map,
+        )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics or DetectionMetrics(model.config.id2label),
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        # The teacher is a plain attribute, never a submodule: not trained, not saved, not wrapped by DDP.
+        self.teacher = None
+        if teacher is not None:
+            dtype = args.resolved_teacher_dtype
+            self.teacher = teacher.requires_grad_(False).eval().to(device=self.accelerator.device, dtype=dtype)
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    @staticmethod
+    def _steps_for_epochs(args: SADTrainingArguments, labeled, unlabeled) -> int:
+        """`max_steps` that shows every labeled image `num_train_epochs` times (the stream itself never ends)."""
+        if not hasattr(labeled, "__len__"):
+            raise ValueError("A streaming train_dataset has no length: set max_steps.")
+        labeled_share = 1 - args.unlabeled_ratio if unlabeled is not None else 1.0
+        per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        return max(1, math.ceil(args.num_train_epochs * len(labeled) / (per_step * labeled_share)))
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None
+    ):
+        labels, is_labeled = inputs["labels"], inputs["is_labeled"]
+        outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs.get("pixel_mask"))
+        detector: SADForObjectDetection = self.accelerator.unwrap_model(model)
+        labeled_idx = is_labeled.nonzero().flatten().tolist()
+        unlabeled_idx = (~is_labeled).nonzero().flatten().tolist()
+
+        # Every student output enters the loss, so DDP sees a gradient for every parameter even on odd batches.
+        loss = outputs.logits.sum() * 0.0 + outputs.box_regression.sum() * 0.0
+        assignment_labels = torch.zeros(outputs.logits.shape[:2], dtype=torch.long, device=outputs.logits.device)
+        if labeled_idx:
+            loss_gt, loss_dict, assignment = detector.detection_loss(
+                outputs.logits[labeled_idx],
+                outputs.box_regression[labeled_idx],
+                outputs.anchors,
+                [labels[i] for i in labeled_idx],
+                outputs.image_sizes[labeled_idx],
+            )
+            loss = loss + loss_gt
+            assignment_labels[labeled_idx] = assignment.labels
+            self._record("loss_gt", loss_gt)
+            self._record("loss_cls", loss_dict["loss_cls"])
+            self._record("loss_box", loss_dict["loss_box"])
+
+        if self.teacher is not None and model.training:
+            loss = loss + self._distillation(detector, inputs, outputs, labeled_idx, unlabeled_idx, assignment_labels)
+        return (loss, outputs) if return_outputs else loss
+
+    def _distillation(self, detector, inputs, outputs, labeled_idx, unlabeled_idx, assignment_labels) -> torch.Tensor:
+        args: SADTrainingArguments = self.args
+        with torch.no_grad(), self.accelerator.autocast():
+            teacher_out = self.teacher(
+                pixel_values=inputs["pixel_values"].to(next(self.teacher.parameters()).dtype),
+                pixel_mask=inputs.get("pixel_mask"),
+            )
+        if teacher_out.logits.shape != outputs.logits.shape:
+            raise RuntimeError(
+                f"Teacher logits {tuple(teacher_out.logits.shape)} do not line up with student logits "
+                f"{tuple(outputs.logits.shape)}."
+            )
+        pseudo = {}
+        if unlabeled_idx:
+            pseudo_list = hard_pseudo_labels(
+                teacher_out.logits[unlabeled_idx].float(),
+                teacher_out.pred_boxes[unlabeled_idx].float(),
+                threshold=args.pseudo_label_threshold,
+                nms_iou_threshold=detector.config.nms_iou_threshold,
+                max_detections=detector.config.max_detections,
+            )
+            pseudo = dict(zip(unlabeled_idx, pseudo_list))
+            self._record("pseudo_boxes_per_image", sum(len(p["boxes"]) for p in pseudo_list) / len(pseudo_list))
+
+        loss = outputs.logits.new_zeros((), dtype=torch.float32)
+        if args.distill_loss == "hard":
+            if unlabeled_idx:
+                loss_hard, _, _ = detector.detection_loss(
+                    outputs.logits[unlabeled_idx],
+                    outputs.box_regression[unlabeled_idx],
+                    outputs.anchors,
+                    [pseudo[i] for i in unlabeled_idx],
+                    outputs.image_sizes[unlabeled_idx],
+                )
+                loss = loss + args.unlabeled_distill_weight * loss_hard
+                self._record("loss_distill_unlabeled", loss_hard)
+            return loss
+
+        if unlabeled_idx:
+            assignment = detector.assign_anchors(
+                outputs.anchors, [pseudo[i] for i in unlabeled_idx], outputs.image_sizes[unlabeled_idx]
+            )
+            assignment_labels[unlabeled_idx] = assignment.labels
+        keep = assignment_labels >= 0  # drop anchors in the ignore band of the real or pseudo boxes
+        is_labeled = inputs["is_labeled"][:, None]
+        for rows, mask, weight, name in (
+            (labeled_idx, keep & is_labeled, args.labeled_distill_weight, "labeled"),
+            (unlabeled_idx, keep & ~is_labeled, args.unlabeled_distill_weight, "unlabeled"),
+        ):
+            if not rows or weight == 0:
+                continue
+            normalizer = "adaptive"
+            if args.distill_normalizer == "positives":
+                normalizer = ((assignment_labels == 1) & mask).sum().clamp(min=1).float()
+            term, stats = self._distill_term(outputs.logits, teacher_out.logits, mask, normalizer)
+            loss = loss + weight * term
+            self._record(f"loss_distill_{name}", term)
+            self._record(f"distill_normalizer_{name}", stats["normalizer"])
+            if "mean_weight" in stats:
+                self._record(f"adl_mean_weight_{name}", stats["mean_weight"])
+        return loss
+
+    def _distill_term(self, student_logits, teacher_logits, mask, normalizer):
+        args: SADTrainingArguments = self.args
+        common = dict(
+            temperature=args.distill_temperature,
+            normalizer=normalizer,
+            power=args.normalizer_power,
+            mask=mask,
+            return_stats=True,
+        )
+        if args.distill_loss == "adl":
+            return adaptive_distillation_loss(
+                student_logits, teacher_logits, beta=args.adl_beta, gamma=args.adl_gamma, variant=args.adl_variant,
+                **common,
+            )
+        if args.distill_loss == "fdl":
+            return focal_distillation_loss(student_logits, teacher_logits, gamma=args.adl_gamma, **common)
+        return kl_distillation_loss(student_logits, teacher_logits, **common)
+
+    def _record(self, name: str, value: torch.Tensor | float) -> None:
+        self._metrics[name].append(float(value.detach() if isinstance(value, torch.Tensor) else value))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the means of the distillation metrics recorded since the last log (from this process's batches)."""
+        if self._metrics and "loss" in logs:
+            logs = {**logs, **{k: round(sum(v) / len(v), 6) for k, v in self._metrics.items() if v}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Evaluation
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Supervised loss, and detections + ground truth packed as padded tensors for the COCO metric."""
+        labels = inputs["labels"]
+        with torch.no_grad():
+            outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs.get("pixel_mask"), labels=labels)
+        loss = outputs.loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        original_sizes = torch.stack([t["orig_size"] for t in labels])
+        config = self.accelerator.unwrap_model(model).config
+        detections = self.processing_class.post_process_object_detection(
+            outputs, threshold=config.score_threshold, target_sizes=original_sizes
+        )
+        return loss, pack_detections(detections), pack_targets(labels)

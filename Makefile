@@ -23,3 +23,10 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench scripts
+
+# The main job: teacher -> baseline student -> SAD student on built-in data, results in outputs/demo.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hf-sad demo --output_dir outputs/demo
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/run.py

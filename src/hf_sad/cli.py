@@ -88,8 +88,28 @@ def build_student(model_args: ModelArguments, id2label: dict[int, str]):
     )
 
 
+def _student_card(trainer: SADTrainer, model_args: ModelArguments, data_args: DataArguments, metrics: dict) -> None:
+    """Write the student's README.md card into the output folder."""
+    from .hub import create_model_card
+
+    model = trainer.model
+    card = create_model_card(
+        model_name=Path(trainer.args.output_dir).name,
+        id2label=model.config.id2label,
+        backbone=model.config.backbone,
+        teacher=model_args.teacher if trainer.args.distill_loss != "none" else None,
+        datasets=[d for d in (data_args.train_data, data_args.unlabeled_data) if d],
+        metrics={k: v for k, v in metrics.items() if k.startswith("eval_map")},
+        hyperparameters=trainer.distillation_hyperparameters(),
+        dataset_name=data_args.eval_data or data_args.train_data,
+        detections_image=None,
+        repo_id=trainer.args.hub_model_id,
+    )
+    card.save(str(Path(trainer.args.output_dir) / "README.md"))
+
+
 def run_training(data_args: DataArguments, model_args: ModelArguments, training_args: SADTrainingArguments) -> dict:
-    """Train (supervised with `distill_loss="none"`, else distil), evaluate, save. Returns the final metrics."""
+    """Train (supervised with `distill_loss="none"`, else distil), evaluate, save, optionally push. Returns metrics."""
     train = load_data(data_args.train_data, data_args.train_split, data_args.synthetic_image_size)
     names = dataset_label_names(train)
     id2label = dict(enumerate(names)) if names else synthetic_id2label()
@@ -115,15 +135,23 @@ def run_training(data_args: DataArguments, model_args: ModelArguments, training_
         metrics.update(trainer.evaluate())
     trainer.save_model()
     if trainer.is_world_process_zero():
-        (Path(training_args.output_dir) / "results.json").write_text(json.dumps(metrics, indent=2))
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
+        output_dir = Path(training_args.output_dir)
+        (output_dir / "results.json").write_text(json.dumps(metrics, indent=2))
+        if training_args.distill_loss != "none":  # the card describes a distilled student
+            _student_card(trainer, model_args, data_args, metrics)
+        if training_args.push_to_hub:
+            from .hub import push_to_hub
+
+            repo_id = training_args.hub_model_id or output_dir.name
+            url = push_to_hub(output_dir, repo_id, private=bool(training_args.hub_private_repo),
+                              token=training_args.hub_token)
+            print(f"Pushed to {url}")
     return metrics
 
 
 def distill_main(argv: list[str] | None = None) -> dict:
-    """Entry point of `scripts/distill.py` / `hf-sad distill`: student + teacher (+ unlabeled data) -> student."""
-    parser = HfArgumentParser((DataArguments, ModelArguments, SADTrainingArguments))
+    """`hf-sad distill` / `scripts/distill.py`: student + frozen teacher (+ unlabeled data) -> distilled student."""
+    parser = HfArgumentParser((DataArguments, ModelArguments, SADTrainingArguments), prog="hf-sad distill")
     data_args, model_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.distill_loss != "none" and not model_args.teacher:
         parser.error("--teacher is required for distillation (or pass --distill_loss none).")
@@ -131,16 +159,144 @@ def distill_main(argv: list[str] | None = None) -> dict:
 
 
 def train_main(argv: list[str] | None = None) -> dict:
-    """Entry point of `scripts/train.py` / `hf-sad train`: supervised training of a teacher or a baseline student."""
+    """`hf-sad train` / `scripts/train.py`: supervised training of a teacher or a baseline student."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--distill_loss" in argv or "--teacher" in argv:
+        raise SystemExit("hf-sad train is supervised only; use hf-sad distill for --teacher / --distill_loss.")
     return distill_main([*argv, "--distill_loss", "none"])
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`hf-sad` command dispatcher."""
+@dataclass
+class DemoArguments:
+    """The built-in teacher -> student demo on generated data (no network)."""
+
+    output_dir: str = field(default="sad-demo", metadata={"help": "Where results, the student and pictures go."})
+    quick: bool = field(default=False, metadata={"help": "A smoke run of about 2 minutes instead of about 10."})
+    seed: int = field(default=0, metadata={"help": "Seed of data and initialisation."})
+
+
+def demo_main(argv: list[str] | None = None) -> dict:
+    """`hf-sad demo`: teacher, baseline student and SAD student on synthetic data; prints a table."""
+    from dataclasses import replace
+
+    from .demo import QUICK, DemoConfig, run_demo
+
+    (args,) = HfArgumentParser(DemoArguments, prog="hf-sad demo").parse_args_into_dataclasses(args=argv)
+    config = replace(QUICK if args.quick else DemoConfig(), seed=args.seed)
+    return run_demo(args.output_dir, quick=args.quick, config=config)
+
+
+@dataclass
+class EvaluateArguments:
+    """COCO mAP of a saved model on a labeled dataset."""
+
+    model: str = field(metadata={"help": "A saved SAD model (path or Hub id)."})
+    data: str = field(metadata={"help": "Labeled data (COCO json/folder, imagefolder, saved or Hub dataset)."})
+    split: str = field(default="validation", metadata={"help": "Split of a Hub/imagefolder dataset."})
+    batch_size: int = field(default=8, metadata={"help": "Images per forward pass."})
+    synthetic_image_size: int = field(default=128, metadata={"help": "Image side of synthetic data."})
+
+
+def evaluate_main(argv: list[str] | None = None) -> dict:
+    """`hf-sad evaluate`: prints COCO metrics (map, map_50, map_75, small/medium/large, per class) as JSON."""
+    import tempfile
+
+    (args,) = HfArgumentParser(EvaluateArguments, prog="hf-sad evaluate").parse_args_into_dataclasses(args=argv)
+    data = load_data(args.data, args.split, args.synthetic_image_size)
+    model = AutoModelForObjectDetection.from_pretrained(args.model)
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = SADTrainingArguments(output_dir=tmp, distill_loss="none", report_to="none",
+                                             per_device_eval_batch_size=args.batch_size)
+        trainer = SADTrainer(model, None, training_args, eval_dataset=data, processing_class=processor)
+        metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+@dataclass
+class PredictArguments:
+    """Detections for images: JSON and pictures with the boxes drawn."""
+
+    model: str = field(metadata={"help": "A saved SAD model (path or Hub id)."})
+    images: list[str] = field(metadata={"help": "Image files or folders."})
+    output_dir: str = field(default="predictions", metadata={"help": "Where detections.json and pictures go."})
+    threshold: float = field(default=0.5, metadata={"help": "Minimum score of a detection."})
+    batch_size: int = field(default=8, metadata={"help": "Images per forward pass."})
+
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def predict_main(argv: list[str] | None = None) -> dict:
+    """`hf-sad predict`: writes `detections.json` ({file: [{label, score, box}]}) and one drawn picture per image."""
+    from PIL import Image
+
+    from .data import decode_image
+    from .inference import detect, draw_detections, to_json
+
+    (args,) = HfArgumentParser(PredictArguments, prog="hf-sad predict").parse_args_into_dataclasses(args=argv)
+    files = []
+    for item in map(Path, args.images):
+        files += sorted(p for p in item.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES) if item.is_dir() else [item]
+    if not files:
+        raise SystemExit(f"No images found in {args.images}.")
+    model = AutoModelForObjectDetection.from_pretrained(args.model)
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start : start + args.batch_size]
+        images: list[Image.Image] = [decode_image({"path": str(f), "bytes": None}) for f in chunk]
+        for file, image, found in zip(chunk, images, detect(model, processor, images, threshold=args.threshold)):
+            results[str(file)] = to_json(found, model.config.id2label)
+            draw_detections(image, found, model.config.id2label).save(output_dir / f"{file.stem}_detections.png")
+    (output_dir / "detections.json").write_text(json.dumps(results, indent=2))
+    print(f"{sum(map(len, results.values()))} detections in {len(files)} images -> {output_dir}")
+    return results
+
+
+@dataclass
+class PushArguments:
+    """Upload a saved student (weights, processor, remote code, card) to the Hugging Face Hub."""
+
+    model_dir: str = field(metadata={"help": "The saved student folder."})
+    repo_id: str = field(metadata={"help": "NAMESPACE/NAME of the Hub repository."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to."})
+
+
+def push_main(argv: list[str] | None = None) -> str:
+    """`hf-sad push MODEL_DIR --repo-id NAMESPACE/NAME [--private]`; the token comes from `hf auth login`/HF_TOKEN."""
+    from .hub import push_to_hub
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_main, "distill": distill_main}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: hf-sad {train,distill} [--help] ...")
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model_dir", argv[0], *argv[1:]]
+    (args,) = HfArgumentParser(PushArguments, prog="hf-sad push").parse_args_into_dataclasses(args=argv)
+    url = push_to_hub(args.model_dir, args.repo_id, private=args.private, revision=args.revision)
+    print(f"Pushed {args.model_dir} to {url}")
+    return url
+
+
+COMMANDS = {
+    "demo": (demo_main, "teacher -> student distillation demo on built-in data"),
+    "train": (train_main, "supervised training of a teacher or baseline student"),
+    "distill": (distill_main, "distil a frozen teacher into a student (SAD)"),
+    "evaluate": (evaluate_main, "COCO mAP of a saved model on a dataset"),
+    "predict": (predict_main, "detections for images: JSON and drawn pictures"),
+    "push": (push_main, "upload a saved student to the Hugging Face Hub"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`hf-sad COMMAND [--help] ...`"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        lines = ["usage: hf-sad COMMAND [--help] ...", "", "commands:"]
+        lines += [f"  {name:<10}{description}" for name, (_, description) in COMMANDS.items()]
+        print("\n".join(lines))
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    commands[argv[0]](argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    COMMANDS[argv[0]][0](argv[1:])

@@ -391,6 +391,33 @@ class SADTrainer(Trainer):
             return focal_distillation_loss(student_logits, teacher_logits, gamma=args.adl_gamma, **common)
         return kl_distillation_loss(student_logits, teacher_logits, **common)
 
+    def distillation_hyperparameters(self) -> dict[str, Any]:
+        """The settings that define this run, as shown in the model card."""
+        args: SADTrainingArguments = self.args
+        settings = {
+            "distill_loss": args.distill_loss,
+            "steps": args.max_steps,
+            "learning_rate": args.learning_rate,
+            "batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+            "image_size": dict(self.processing_class.size) if self.processing_class is not None else None,
+            "hflip_prob": args.hflip_prob,
+            "scale_jitter": list(args.scale_jitter),
+        }
+        if args.distill_loss in ("adl", "kl", "fdl"):
+            settings.update(
+                temperature=args.distill_temperature,
+                normalizer=f"{args.distill_normalizer} (power {args.normalizer_power})"
+                if args.distill_normalizer == "adaptive" else args.distill_normalizer,
+                labeled_distill_weight=args.labeled_distill_weight,
+                unlabeled_distill_weight=args.unlabeled_distill_weight,
+                unlabeled_ratio=args.unlabeled_ratio,
+            )
+        if args.distill_loss == "adl":
+            settings.update(adl_beta=args.adl_beta, adl_gamma=args.adl_gamma, adl_variant=args.adl_variant)
+        if args.distill_loss == "hard":
+            settings.update(pseudo_label_threshold=args.pseudo_label_threshold, unlabeled_ratio=args.unlabeled_ratio)
+        return {k: v for k, v in settings.items() if v is not None}
+
     def _record(self, name: str, value: torch.Tensor | float) -> None:
         self._metrics[name].append(float(value.detach() if isinstance(value, torch.Tensor) else value))
 
@@ -401,9 +428,29 @@ class SADTrainer(Trainer):
             self._metrics.clear()
         super().log(logs, start_time)
 
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self._sync_buffers_from_main_process()
+        return result
+
+    def _sync_buffers_from_main_process(self) -> None:
+        """Give every process rank 0's buffers (BatchNorm running statistics) after DDP training.
+
+        DDP copies rank 0's buffers to the other ranks only at the start of a training forward, so after the last step
+        each rank holds the running statistics of its own last batch: a multi-process evaluation would then mix models
+        that differ from each other and from the checkpoint (which rank 0 writes). Called by every rank.
+        """
+        if isinstance(self.model_wrapped, nn.parallel.DistributedDataParallel):
+            for buffer in self.accelerator.unwrap_model(self.model).buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
+
     # ------------------------------------------------------------------------------------------------------------------
     # Evaluation
     # ------------------------------------------------------------------------------------------------------------------
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._sync_buffers_from_main_process()  # evaluation during or after DDP training: one model on all ranks
+        return super().evaluation_loop(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Supervised loss, and detections + ground truth packed as padded tensors for the COCO metric."""

@@ -1,0 +1,175 @@
+"""The built-in demo: teacher -> student distillation end to end on generated data, with no network.
+
+1. a larger teacher is trained on a small labeled set (supervised),
+2. a baseline student is trained on the same labeled set (supervised only),
+3. a SAD student of the same architecture is trained on the labeled set plus an unlabeled stream, with ADL from the
+   frozen teacher.
+
+All three are evaluated on the same validation set (COCO mAP). The SAD student, its card and a picture of its
+detections are saved, loadable with `from_pretrained` and `pipeline("object-detection")`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .builder import create_detector
+from .hub import create_model_card
+from .inference import detect, detections_grid
+from .synthetic import make_labeled_dataset, make_unlabeled_stream, synthetic_id2label
+from .trainer import SADTrainer, SADTrainingArguments
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and schedules of the demo (the default fits in about 10 minutes on 2 CPU cores)."""
+
+    image_size: int = 128
+    num_train: int = 96
+    num_val: int = 96
+    teacher_backbone: str = "resnet26"
+    teacher_width: int = 64
+    student_backbone: str = "resnet10t"
+    student_width: int = 32
+    head_num_convs: int = 2
+    batch_size: int = 8
+    teacher_steps: int = 300
+    student_steps: int = 300
+    learning_rate: float = 2e-3
+    seed: int = 0
+
+
+QUICK = replace(DemoConfig(), num_train=32, num_val=16, teacher_steps=12, student_steps=12, batch_size=4)
+
+
+def _arguments(config: DemoConfig, output_dir: Path, steps: int, **kwargs) -> SADTrainingArguments:
+    return SADTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=16,
+        learning_rate=config.learning_rate,
+        weight_decay=1e-4,
+        warmup_steps=max(1, steps // 20),
+        lr_scheduler_type="cosine",
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        **kwargs,
+    )
+
+
+def _train(name, model, processor, args, train, val, teacher=None, unlabeled=None) -> tuple[SADTrainer, dict, float]:
+    print(f"\n== {name}: {args.max_steps} steps ==", flush=True)
+    trainer = SADTrainer(model, teacher, args, train, unlabeled, val, processing_class=processor)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return trainer, {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}, seconds
+
+
+def _summary(metrics: dict, model, seconds: float) -> dict:
+    return {
+        "map": metrics["map"],
+        "map_50": metrics["map_50"],
+        "map_75": metrics["map_75"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(seconds, 1),
+    }
+
+
+def run_demo(output_dir: str | Path = "sad-demo", quick: bool = False, config: DemoConfig | None = None) -> dict:
+    """Train teacher, baseline student and SAD student; write results, the student, its card and a picture.
+
+    Returns the results dict also written to `output_dir/results.json`.
+    """
+    config = config or (QUICK if quick else DemoConfig())
+    output_dir = Path(output_dir)
+    id2label = synthetic_id2label()
+    size = {"height": config.image_size, "width": config.image_size}
+    train = make_labeled_dataset(config.num_train, seed=config.seed, image_size=config.image_size)
+    val = make_labeled_dataset(config.num_val, seed=config.seed + 1000, image_size=config.image_size)
+    unlabeled = make_unlabeled_stream(seed=config.seed, image_size=config.image_size)
+
+    def student():
+        torch.manual_seed(config.seed)
+        return create_detector(config.student_backbone, id2label, image_size=size, fpn_channels=config.student_width,
+                               head_channels=config.student_width, head_num_convs=config.head_num_convs)
+
+    torch.manual_seed(config.seed)
+    teacher, processor = create_detector(
+        config.teacher_backbone, id2label, image_size=size, fpn_channels=config.teacher_width,
+        head_channels=config.teacher_width, head_num_convs=config.head_num_convs,
+    )
+    args = _arguments(config, output_dir / "teacher", config.teacher_steps, distill_loss="none")
+    _, teacher_metrics, teacher_seconds = _train("teacher (supervised)", teacher, processor, args, train, val)
+
+    baseline, processor = student()
+    args = _arguments(config, output_dir / "student_baseline", config.student_steps, distill_loss="none")
+    _, baseline_metrics, baseline_seconds = _train("student baseline (supervised)", baseline, processor, args, train,
+                                                   val)
+
+    sad, processor = student()
+    # Twice the batch with half of it unlabeled: the SAD student sees as many labeled images per step as the baseline.
+    sad_config = replace(config, batch_size=2 * config.batch_size)
+    args = _arguments(sad_config, output_dir / "student", config.student_steps, distill_loss="adl", unlabeled_ratio=0.5)
+    trainer, sad_metrics, sad_seconds = _train("SAD student (ADL, labeled + unlabeled)", sad, processor, args, train,
+                                               val, teacher=teacher, unlabeled=unlabeled)
+
+    results = {
+        "teacher": {"backbone": config.teacher_backbone, **_summary(teacher_metrics, teacher, teacher_seconds)},
+        "student_baseline": {"backbone": config.student_backbone,
+                             **_summary(baseline_metrics, baseline, baseline_seconds)},
+        "student_sad": {"backbone": config.student_backbone, **_summary(sad_metrics, sad, sad_seconds)},
+        "config": asdict(config),
+        "quick": quick,
+    }
+    _save_student(trainer, processor, output_dir / "student", val, results, teacher_metrics, baseline_metrics,
+                  sad_metrics)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print(format_results(results), flush=True)
+    return results
+
+
+def _save_student(trainer, processor, folder: Path, val, results, teacher_metrics, baseline_metrics, sad_metrics):
+    trainer.save_model(str(folder))
+    model = trainer.model
+    images = [val[i]["image"] for i in range(min(8, len(val)))]
+    picture = detections_grid(images, detect(model, processor, images, threshold=0.4), model.config.id2label)
+    picture.save(folder / "detections.png")
+    picture.save(folder.parent / "detections.png")
+    config = results["config"]
+    card = create_model_card(
+        model_name="sad-demo-student",
+        id2label=model.config.id2label,
+        backbone=config["student_backbone"],
+        teacher="teacher (trained in the demo)",
+        teacher_backbone=config["teacher_backbone"],
+        metrics=sad_metrics,
+        teacher_metrics=teacher_metrics,
+        baseline_metrics=baseline_metrics,
+        hyperparameters=trainer.distillation_hyperparameters(),
+        dataset_name="hf-sad synthetic shapes",
+        detections_image="detections.png",
+    )
+    card.save(str(folder / "README.md"))
+
+
+def format_results(results: dict) -> str:
+    rows = [("teacher", "teacher"), ("student_baseline", "student, supervised"), ("student_sad", "student, SAD")]
+    lines = [
+        "",
+        f"{'model':<22}{'backbone':<12}{'mAP':>7}{'mAP@50':>8}{'params':>9}{'train s':>9}",
+        "-" * 67,
+    ]
+    for key, name in rows:
+        r = results[key]
+        lines.append(f"{name:<22}{r['backbone']:<12}{100 * r['map']:>7.1f}{100 * r['map_50']:>8.1f}"
+                     f"{r['parameters'] / 1e6:>8.1f}M{r['train_seconds']:>9.0f}")
+    return "\n".join(lines)

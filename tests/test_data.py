@@ -1,0 +1,300 @@
+"""Every data source of SADTrainer: loaded right, and carried by `build_training_stream` + `SADDataCollator` to a
+batch the model accepts.
+
+Labeled: a COCO json + image folder (generated, and the real BCCD set in ../shared), a `datasets` dataset in the
+transformers detection schema (in memory and `save_to_disk`), an `imagefolder` with `metadata.jsonl`. Unlabeled: an
+image folder and parquet shards. Plus the category mapping by class name and the error for data without `objects`.
+Images are 64 px and the model is a ResNet-18 with 8-channel heads, so everything runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from datasets import ClassLabel
+
+from hf_sad import create_detector
+from hf_sad.data import (
+    SADDataCollator,
+    build_training_stream,
+    category_mapping,
+    dataset_label_names,
+    load_coco_detection,
+    load_labeled_dataset,
+    load_unlabeled_images,
+)
+from hf_sad.synthetic import (
+    SYNTHETIC_LABELS,
+    make_labeled_dataset,
+    make_unlabeled_stream,
+    synthetic_id2label,
+    write_coco_folder,
+)
+from hf_sad.trainer import SADTrainer, SADTrainingArguments
+
+from .conftest import BCCD
+
+TINY = dict(fpn_channels=8, head_channels=8, head_num_convs=1)
+SIZE = {"height": 64, "width": 64}
+BCCD_LABELS = ["RBC", "WBC", "Platelets"]
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory):
+    return make_labeled_dataset(6, seed=0, image_size=64, cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    return create_detector("resnet18", synthetic_id2label(), image_size=SIZE, **TINY)
+
+
+def boxes_and_categories(dataset) -> list[tuple[list, list]]:
+    return [(o["bbox"], o["category"]) for o in dataset["objects"]]
+
+
+def one_training_batch(detector, labeled, unlabeled=None, category_map=None, rows=4, **collator_kwargs):
+    """Stream rows -> collator -> one forward with labels. Returns (stream rows, batch, outputs)."""
+    model, processor = detector
+    stream = build_training_stream(labeled, unlabeled, category_map=category_map, num_shards=2, shuffle_buffer=1)
+    stream_rows = list(stream.take(rows))
+    batch = SADDataCollator(processor, category_map=category_map, **collator_kwargs)(stream_rows)
+    assert batch["pixel_values"].shape[:2] == (rows, 3) and batch["pixel_mask"].shape[0] == rows
+    assert len(batch["labels"]) == rows
+    with torch.no_grad():
+        outputs = model.train()(
+            pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"]
+        )
+    assert torch.isfinite(outputs.loss), outputs.loss
+    return stream_rows, batch, outputs
+
+
+def assert_labels_are_the_boxes(stream_rows, batch):
+    """Without augmentation, the collated labels are the rows' boxes (xywh pixels) as normalised cxcywh."""
+    for row, labels in zip(stream_rows, batch["labels"]):
+        boxes = torch.tensor(row["objects"]["bbox"], dtype=torch.float32).reshape(-1, 4)
+        height, width = labels["orig_size"].tolist()
+        expected = torch.cat([boxes[:, :2] + boxes[:, 2:] / 2, boxes[:, 2:]], dim=1) / torch.tensor(
+            [width, height, width, height]
+        )
+        torch.testing.assert_close(labels["boxes"], expected, rtol=0, atol=1e-5)
+        assert labels["class_labels"].tolist() == row["objects"]["category"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Labeled: COCO json + image folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_coco_folder_round_trips_boxes_categories_and_names(tmp_path, labeled, detector):
+    write_coco_folder(labeled, tmp_path / "coco")
+    for loaded in (load_labeled_dataset(tmp_path / "coco"), load_coco_detection(tmp_path / "coco" / "annotations.json")):
+        assert len(loaded) == len(labeled)
+        assert dataset_label_names(loaded) == SYNTHETIC_LABELS
+        assert boxes_and_categories(loaded) == boxes_and_categories(labeled)
+        assert loaded[0]["image"].size == (64, 64)
+    rows, batch, _ = one_training_batch(detector, loaded, hflip_prob=0.0, scale_range=(1.0, 1.0))
+    assert batch["is_labeled"].all()
+    assert_labels_are_the_boxes(rows, batch)
+
+
+def test_coco_category_ids_become_contiguous_class_labels_in_id_order(tmp_path, labeled):
+    """COCO ids need not start at 0 or be contiguous: they become ClassLabel ids 0..C-1 in increasing id order."""
+    path = write_coco_folder(labeled, tmp_path / "coco")
+    coco = json.loads(path.read_text())
+    sparse = {i + 1: 100 - 10 * i for i in range(len(SYNTHETIC_LABELS))}  # 1 -> 100, 2 -> 90, ... (reversed order)
+    for category in coco["categories"]:
+        category["id"] = sparse[category["id"]]
+    for annotation in coco["annotations"]:
+        annotation["category_id"] = sparse[annotation["category_id"]]
+    path.write_text(json.dumps(coco))
+    loaded = load_labeled_dataset(path)
+    assert dataset_label_names(loaded) == SYNTHETIC_LABELS[::-1]  # sorted by COCO id: 50 (star) ... 100 (circle)
+    last = len(SYNTHETIC_LABELS) - 1
+    for (boxes, categories), (want_boxes, want_categories) in zip(
+        boxes_and_categories(loaded), boxes_and_categories(labeled)
+    ):
+        assert boxes == want_boxes and categories == [last - c for c in want_categories]
+    names = loaded.features["objects"]["category"].feature.names
+    original = labeled.features["objects"]["category"].feature.names
+    assert [names[c] for c in loaded[0]["objects"]["category"]] == [original[c] for c in labeled[0]["objects"]["category"]]
+
+
+def test_coco_annotation_with_undeclared_category_is_an_error(tmp_path, labeled):
+    path = write_coco_folder(labeled, tmp_path / "coco")
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["category_id"] = 77
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="category_id 77"):
+        load_coco_detection(path)
+
+
+@pytest.mark.skipif(not (BCCD / "train.json").is_file(), reason="the shared BCCD dataset is not available")
+def test_real_coco_dataset_bccd():
+    for split, num_images, num_boxes in (("train", 291, 3879), ("val", 73, 1007)):
+        dataset = load_labeled_dataset(BCCD, split=split)
+        coco = json.loads((BCCD / f"{split}.json").read_text())
+        assert len(dataset) == num_images and dataset_label_names(dataset) == BCCD_LABELS
+        assert isinstance(dataset.features["objects"]["category"].feature, ClassLabel)
+        # COCO ids 1 RBC, 2 WBC, 3 Platelets -> ClassLabel 0, 1, 2; boxes unchanged (COCO xywh pixels), per image.
+        expected = {img["id"]: ([], []) for img in coco["images"]}
+        for annotation in coco["annotations"]:
+            expected[annotation["image_id"]][0].append(annotation["bbox"])
+            expected[annotation["image_id"]][1].append(annotation["category_id"] - 1)
+        assert sum(len(o["bbox"]) for o in dataset["objects"]) == num_boxes
+        for image_id, objects in zip(dataset["image_id"], dataset["objects"]):
+            assert objects["bbox"] == expected[image_id][0] and objects["category"] == expected[image_id][1]
+    assert dataset[0]["image"].size == (640, 480)
+
+
+@pytest.mark.skipif(not (BCCD / "train.json").is_file(), reason="the shared BCCD dataset is not available")
+def test_bccd_through_stream_and_collator_to_a_model_with_its_classes():
+    dataset = load_labeled_dataset(BCCD, split="val").select(range(3))
+    torch.manual_seed(0)
+    # A model whose classes are BCCD's in another order: categories are mapped by name.
+    detector = create_detector("resnet18", {0: "WBC", 1: "Platelets", 2: "RBC"}, image_size=SIZE, **TINY)
+    mapping = category_mapping(dataset, detector[0].config.id2label)
+    assert mapping == {0: 2, 1: 0, 2: 1}
+    rows, batch, _ = one_training_batch(detector, dataset, category_map=mapping, rows=2)
+    for row, labels in zip(rows, batch["labels"]):
+        # The collator's scale jitter resized 640 x 480 to the model's 64 x 64 times a factor in [0.8, 1.2].
+        height, width = labels["orig_size"].tolist()
+        assert height == width and 51 <= height <= 77
+        assert len(labels["class_labels"]) == len(row["objects"]["bbox"]) > 0
+    # Evaluation rows (no stream) are mapped by the collator itself.
+    eval_batch = SADDataCollator(detector[1], category_map=mapping)([dataset[0]])
+    assert eval_batch["labels"][0]["class_labels"].tolist() == [mapping[c] for c in dataset[0]["objects"]["category"]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Labeled: a datasets dataset (in memory, save_to_disk), an imagefolder with metadata.jsonl
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_datasets_dataset_in_memory_and_saved_to_disk(tmp_path, labeled, detector):
+    rows, batch, _ = one_training_batch(detector, labeled, hflip_prob=0.0, scale_range=(1.0, 1.0))
+    assert_labels_are_the_boxes(rows, batch)
+    labeled.save_to_disk(str(tmp_path / "saved"))
+    loaded = load_labeled_dataset(tmp_path / "saved")
+    assert loaded.features == labeled.features and boxes_and_categories(loaded) == boxes_and_categories(labeled)
+    one_training_batch(detector, loaded)
+
+
+def test_imagefolder_with_metadata_jsonl(tmp_path, labeled, detector):
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    with (folder / "metadata.jsonl").open("w") as metadata:
+        for row in labeled:
+            file_name = f"{row['image_id']:03d}.png"
+            row["image"].save(folder / file_name)
+            objects = {"bbox": row["objects"]["bbox"], "category": row["objects"]["category"]}
+            metadata.write(json.dumps({"file_name": file_name, "objects": objects}) + "\n")
+    loaded = load_labeled_dataset(folder, split="train")
+    assert len(loaded) == len(labeled)
+    by_size = sorted(boxes_and_categories(loaded)), sorted(boxes_and_categories(labeled))
+    assert by_size[0] == by_size[1]
+    assert dataset_label_names(loaded) is None  # plain integer categories: used as model label ids as they are
+    assert category_mapping(loaded, synthetic_id2label()) == {i: i for i in range(len(SYNTHETIC_LABELS))}
+    rows, batch, _ = one_training_batch(detector, loaded, hflip_prob=0.0, scale_range=(1.0, 1.0))
+    assert_labels_are_the_boxes(rows, batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Unlabeled: an image folder, parquet shards
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unlabeled_images():
+    return [row["image"] for row in make_unlabeled_stream(image_size=64, num_images=8)]
+
+
+def test_unlabeled_image_folder(tmp_path, labeled, unlabeled_images, detector):
+    folder = tmp_path / "pool"
+    (folder / "nested").mkdir(parents=True)
+    for k, image in enumerate(unlabeled_images[:5]):
+        image.save(folder / ("nested" if k % 2 else ".") / f"{k}.png")
+    stream = load_unlabeled_images(folder)
+    assert isinstance(stream, datasets.IterableDataset) and stream.n_shards == 1  # imagefolder: one shard, always
+    assert len(list(stream)) == 5
+    rows, batch, _ = one_training_batch(detector, labeled, stream, rows=4)
+    assert batch["is_labeled"].tolist() == [True, False, True, False]
+    assert [len(labels["class_labels"]) for labels in batch["labels"][1::2]] == [0, 0]
+
+
+def test_unlabeled_parquet_shards(tmp_path, labeled, unlabeled_images, detector):
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    features = datasets.Features({"image": datasets.Image()})
+    for k in range(4):
+        shard = datasets.Dataset.from_dict({"image": unlabeled_images[2 * k: 2 * k + 2]}, features=features)
+        shard.to_parquet(str(folder / f"shard-{k:02d}.parquet"))
+    stream = load_unlabeled_images(folder)
+    assert stream.n_shards == 4  # one shard per file: processes and workers get whole files
+    assert len(list(stream)) == 8
+    assert load_unlabeled_images(str(folder / "*.parquet")).n_shards == 4
+    assert len(list(load_unlabeled_images(str(folder / "shard-00.parquet")))) == 2
+
+    rows, batch, _ = one_training_batch(detector, labeled, stream, rows=4)
+    assert batch["is_labeled"].tolist() == [True, False, True, False]
+    # Two processes, as accelerate shards a datasets stream (whole shards per rank): disjoint unlabeled images.
+    training = build_training_stream(labeled, stream, num_shards=2)
+    assert training.n_shards == 2
+    seen = []
+    for rank in range(2):
+        part = training.shard(num_shards=2, index=rank)
+        seen.append({row["image"]["bytes"] for row in part.take(12) if not row["is_labeled"]})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Categories and schema errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_category_mapping_matches_class_names_not_positions(labeled):
+    reordered = dict(enumerate(reversed(SYNTHETIC_LABELS)))
+    mapping = category_mapping(labeled, reordered)
+    last = len(SYNTHETIC_LABELS) - 1
+    assert mapping == {i: last - i for i in range(len(SYNTHETIC_LABELS))}
+    torch.manual_seed(0)
+    model, processor = create_detector("resnet18", reordered, image_size=SIZE, **TINY)
+    stream_rows = list(build_training_stream(labeled, category_map=mapping, shuffle_buffer=1).take(2))
+    batch = SADDataCollator(processor, category_map=mapping)(stream_rows)
+    by_name = {name: i for i, name in reordered.items()}
+    # The label ids in the batch name the same classes as the dataset's ids (rows found by their first box).
+    names = labeled.features["objects"]["category"].feature.names
+    source = {tuple(o["bbox"][0]): o["category"] for o in labeled["objects"]}
+    for row, labels in zip(stream_rows, batch["labels"]):
+        original = source[tuple(row["objects"]["bbox"][0])]
+        assert labels["class_labels"].tolist() == [by_name[names[c]] for c in original]
+
+
+def test_dataset_class_unknown_to_the_model_is_an_error_naming_it(labeled):
+    id2label = {0: "circle", 1: "square"}
+    with pytest.raises(ValueError) as err:
+        category_mapping(labeled, id2label)
+    message = str(err.value)
+    assert "'triangle'" in message and "'star'" in message  # the unknown dataset classes
+    assert "['circle', 'square']" in message  # the model's labels
+
+
+def test_train_dataset_without_objects_is_an_error_listing_schema_and_columns(tmp_path, labeled, detector):
+    model, processor = detector
+    captions = datasets.Dataset.from_dict(
+        {"image": list(labeled["image"][:2]), "caption": ["a", "b"]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
+    )
+    args = SADTrainingArguments(
+        output_dir=str(tmp_path / "out"), distill_loss="none", max_steps=1, use_cpu=True, report_to="none"
+    )
+    with pytest.raises(ValueError) as err:
+        SADTrainer(model, None, args, captions, processing_class=processor)
+    message = str(err.value)
+    assert "train_dataset" in message and "['caption', 'image']" in message  # the columns found
+    assert "`objects`" in message and "`bbox`" in message and "`category`" in message  # the expected schema

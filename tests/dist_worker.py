@@ -20,6 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
+import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -133,6 +134,9 @@ def evaluate(record_dir: str, model_dir: str, eval_data: str) -> None:
 
 
 if __name__ == "__main__":
+    # datasets sleeps this long (default 5 s) for PyArrow's reader threads when a stream mixing in parquet shards is
+    # closed (once per rank at the end of training); a short wait keeps the test fast.
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.5
     mode, record_dir, *rest = sys.argv[1:]
     if mode == "distill":
         distill(record_dir, rest)

@@ -103,6 +103,8 @@ class SADTrainingArguments(TrainingArguments):
         # rank 0 (which fails on such batches); accelerate then shards the stream by rank.
         if self.accelerator_config is None:
             self.accelerator_config = {"dispatch_batches": False}
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every loader otherwise
         super().__post_init__()
         self._validate()
 

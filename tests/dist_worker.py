@@ -5,9 +5,10 @@
 
 `distill` runs the real `hf_sad.cli.distill_main` (what `scripts/distill.py` runs) with `SADTrainer` swapped for a
 subclass that only records, per rank, into RECORD_DIR/rank<k>.json: the world size (torch.distributed and
-TrainingArguments), a hash of every image the data collator received (unlabeled and labeled apart), and hashes of
-the student's parameters and buffers after training. `evaluate` runs `SADTrainer.evaluate` on a saved model and
-records the metrics and, per evaluated image, the ground truth and detections that reached `compute_metrics`.
+TrainingArguments), a hash of every image the data collator received (unlabeled and labeled apart), hashes of the
+student's parameters and buffers after training, and of the buffers each evaluation during training ran with.
+`evaluate` runs `SADTrainer.evaluate` on a saved model and records the metrics and, per evaluated image, the ground
+truth and the number of detections that reached `compute_metrics`.
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ class RecordingSADTrainer(SADTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.data_collator = RecordingCollator(self.data_collator)
+        self.eval_buffers: list[str] = []  # per evaluation: hash of the buffers the student evaluated with
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_recorded = False
+        return super().evaluation_loop(*args, **kwargs)
+
+    def prediction_step(self, model, *args, **kwargs):
+        if not self._eval_recorded:
+            self.eval_buffers.append(tensors_hash(dict(self.accelerator.unwrap_model(model).named_buffers())))
+            self._eval_recorded = True
+        return super().prediction_step(model, *args, **kwargs)
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
@@ -93,6 +105,7 @@ class RecordingSADTrainer(SADTrainer):
             "labeled": self.data_collator.labeled,
             "parameters": tensors_hash(dict(student.named_parameters())),
             "buffers": tensors_hash(dict(student.named_buffers())),
+            "eval_buffers": self.eval_buffers,
         })
         return result
 

@@ -95,7 +95,8 @@ def test_distill_script_on_two_processes_reads_disjoint_data_and_keeps_ranks_in_
         "--train_data", "synthetic:8", "--synthetic_image_size", "64", "--eval_data", "synthetic-val:5",
         "--unlabeled_data", str(workspace["unlabeled"]),
         "--output_dir", str(output_dir), "--max_steps", "3", "--per_device_train_batch_size", "2",
-        "--per_device_eval_batch_size", "2", "--learning_rate", "1e-3", "--save_strategy", "no",
+        "--per_device_eval_batch_size", "2", "--eval_strategy", "steps", "--eval_steps", "2",
+        "--learning_rate", "1e-3", "--save_strategy", "no",
         "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
         "--dataloader_num_workers", "0", "--use_cpu",
     )
@@ -120,6 +121,9 @@ def test_distill_script_on_two_processes_reads_disjoint_data_and_keeps_ranks_in_
     # checkpoint rank 0 saved is that student.
     assert ranks[0]["parameters"] == ranks[1]["parameters"]
     assert ranks[0]["buffers"] == ranks[1]["buffers"]
+    # The evaluations inside train() (steps 2 and 3, each after the ranks' own BatchNorm updates) ran one model.
+    assert len(ranks[0]["eval_buffers"]) == 2
+    assert ranks[0]["eval_buffers"] == ranks[1]["eval_buffers"]
     saved = load_file(str(output_dir / "model.safetensors"))
     student = AutoModelForObjectDetection.from_pretrained(output_dir)
     assert tensors_hash({n: saved[n] for n, _ in student.named_parameters()}) == ranks[0]["parameters"]

@@ -47,7 +47,8 @@ class DemoConfig:
 QUICK = replace(DemoConfig(), num_train=32, num_val=16, teacher_steps=12, student_steps=12, batch_size=4)
 
 
-def _arguments(config: DemoConfig, output_dir: Path, steps: int, **kwargs) -> SADTrainingArguments:
+def training_arguments(config: DemoConfig, output_dir: Path, steps: int, **kwargs) -> SADTrainingArguments:
+    """The demo's optimisation recipe (AdamW, cosine schedule with warm-up) for `steps` steps."""
     return SADTrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -65,7 +66,10 @@ def _arguments(config: DemoConfig, output_dir: Path, steps: int, **kwargs) -> SA
     )
 
 
-def _train(name, model, processor, args, train, val, teacher=None, unlabeled=None) -> tuple[SADTrainer, dict, float]:
+def train_and_evaluate(
+    name: str, model, processor, args: SADTrainingArguments, train, val, teacher=None, unlabeled=None
+) -> tuple[SADTrainer, dict, float]:
+    """Train with `SADTrainer`, then evaluate on `val`; returns the trainer, COCO metrics and training seconds."""
     print(f"\n== {name}: {args.max_steps} steps ==", flush=True)
     trainer = SADTrainer(model, teacher, args, train, unlabeled, val, processing_class=processor)
     start = time.perf_counter()
@@ -107,20 +111,27 @@ def run_demo(output_dir: str | Path = "sad-demo", quick: bool = False, config: D
         config.teacher_backbone, id2label, image_size=size, fpn_channels=config.teacher_width,
         head_channels=config.teacher_width, head_num_convs=config.head_num_convs,
     )
-    args = _arguments(config, output_dir / "teacher", config.teacher_steps, distill_loss="none")
-    _, teacher_metrics, teacher_seconds = _train("teacher (supervised)", teacher, processor, args, train, val)
+    args = training_arguments(config, output_dir / "teacher", config.teacher_steps, distill_loss="none")
+    _, teacher_metrics, teacher_seconds = train_and_evaluate(
+        "teacher (supervised)", teacher, processor, args, train, val
+    )
 
     baseline, processor = student()
-    args = _arguments(config, output_dir / "student_baseline", config.student_steps, distill_loss="none")
-    _, baseline_metrics, baseline_seconds = _train("student baseline (supervised)", baseline, processor, args, train,
-                                                   val)
+    args = training_arguments(config, output_dir / "student_baseline", config.student_steps, distill_loss="none")
+    _, baseline_metrics, baseline_seconds = train_and_evaluate(
+        "student baseline (supervised)", baseline, processor, args, train, val
+    )
 
     sad, processor = student()
     # Twice the batch with half of it unlabeled: the SAD student sees as many labeled images per step as the baseline.
     sad_config = replace(config, batch_size=2 * config.batch_size)
-    args = _arguments(sad_config, output_dir / "student", config.student_steps, distill_loss="adl", unlabeled_ratio=0.5)
-    trainer, sad_metrics, sad_seconds = _train("SAD student (ADL, labeled + unlabeled)", sad, processor, args, train,
-                                               val, teacher=teacher, unlabeled=unlabeled)
+    args = training_arguments(
+        sad_config, output_dir / "student", config.student_steps, distill_loss="adl", unlabeled_ratio=0.5
+    )
+    trainer, sad_metrics, sad_seconds = train_and_evaluate(
+        "SAD student (ADL, labeled + unlabeled)", sad, processor, args, train, val, teacher=teacher,
+        unlabeled=unlabeled,
+    )
 
     results = {
         "teacher": {"backbone": config.teacher_backbone, **_summary(teacher_metrics, teacher, teacher_seconds)},

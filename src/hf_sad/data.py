@@ -85,7 +85,21 @@ def load_coco_detection(annotation_file: str | Path, image_dir: str | Path | Non
         objects["category"].append(to_label[ann["category_id"]])
         objects["area"].append(float(ann.get("area", ann["bbox"][2] * ann["bbox"][3])))
         objects["id"].append(int(ann.get("id", len(objects["id"]))))
-    features = Features(
+    features = detection_features([c["name"] for c in categories])
+    rows = {
+        "image_id": [img["id"] for img in coco["images"]],
+        "image": [str(image_dir / img["file_name"]) for img in coco["images"]],
+        "width": [img.get("width", 0) for img in coco["images"]],
+        "height": [img.get("height", 0) for img in coco["images"]],
+        "objects": [per_image[img["id"]] for img in coco["images"]],
+    }
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def detection_features(label_names: Sequence[str]) -> Features:
+    """The transformers object-detection schema (as cppe-5): `image_id`, `image`, `width`, `height`, and `objects`
+    with `id`, `area` (pixels^2), `bbox` (COCO x, y, w, h in absolute pixels) and `category` (a `ClassLabel`)."""
+    return Features(
         {
             "image_id": Value("int64"),
             "image": ImageFeature(),
@@ -95,18 +109,10 @@ def load_coco_detection(annotation_file: str | Path, image_dir: str | Path | Non
                 "id": List(Value("int64")),
                 "area": List(Value("float32")),
                 "bbox": List(List(Value("float32"), length=4)),
-                "category": List(ClassLabel(names=[c["name"] for c in categories])),
+                "category": List(ClassLabel(names=list(label_names))),
             },
         }
     )
-    rows = {
-        "image_id": [img["id"] for img in coco["images"]],
-        "image": [str(image_dir / img["file_name"]) for img in coco["images"]],
-        "width": [img.get("width", 0) for img in coco["images"]],
-        "height": [img.get("height", 0) for img in coco["images"]],
-        "objects": [per_image[img["id"]] for img in coco["images"]],
-    }
-    return datasets.Dataset.from_dict(rows, features=features)
 
 
 def load_labeled_dataset(source: str | Path, split: str = "train") -> datasets.Dataset:
@@ -340,12 +346,14 @@ def decode_image_with_scale(
     """
     if isinstance(value, Mapping):
         data, path = value.get("bytes"), value.get("path")
-        if data:
+        if data is not None:
+            if not data:
+                raise ValueError("empty image (0 bytes)")
             image = Image.open(io.BytesIO(data))
         elif path:
             image = Image.open(path)
         else:
-            raise ValueError("empty image: no bytes and no path")
+            raise ValueError("no image: neither bytes nor a path")
     elif isinstance(value, Image.Image):
         image = value
     else:
@@ -359,10 +367,10 @@ def decode_image_with_scale(
             factor = drafted[1][2] / width
     image.load()
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: scale to 8 bits rather than letting PIL clip everything above 255 to white.
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit, 32-bit or float grayscale: scale to 8 bits rather than letting PIL clip to 0..255.
         array = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
+        image = Image.fromarray(np.clip(array / max(array.max(), 1.0) * 255, 0, 255).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when converting such a palette straight to RGB
     return image.convert("RGB"), factor

@@ -316,23 +316,9 @@ def _derive_seed(*key: int) -> int:
 
 def labeled_features() -> datasets.Features:
     """Features of `make_labeled_dataset`: the transformers object-detection (cppe-5 style) schema."""
-    from datasets import ClassLabel, Features, List, Value
-    from datasets import Image as ImageFeature
+    from .data import detection_features
 
-    return Features(
-        {
-            "image_id": Value("int64"),
-            "image": ImageFeature(),
-            "width": Value("int32"),
-            "height": Value("int32"),
-            "objects": {
-                "id": List(Value("int64")),
-                "area": List(Value("float32")),
-                "bbox": List(List(Value("float32"), length=4)),
-                "category": List(ClassLabel(names=SYNTHETIC_LABELS)),
-            },
-        }
-    )
+    return detection_features(SYNTHETIC_LABELS)
 
 
 def _labeled_examples(num_images: int, seed: int, image_size: int, shifted: bool) -> Iterator[dict]:

@@ -148,9 +148,10 @@ def _time_worker(shape: tuple[int, ...], device: str, repeats: int, warmup: int)
     }
 
 
-def _subprocess(args: list[str]) -> dict:
+def _subprocess(args: list[str], passive_omp: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *args]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if passive_omp else None
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -186,9 +187,10 @@ def _bench_size(name: str, shape: tuple[int, ...], args: argparse.Namespace) -> 
     if args.threads:
         common += ["--threads", str(args.threads)]
     for impl in IMPLS:
-        row[impl] = _subprocess(["--worker", "memory", "--impl", impl, *common])
+        row[impl] = _subprocess(["--worker", "memory", "--impl", impl, *common], args.passive_omp)
     repeats = args.repeats if math.prod(shape) <= _LARGE_NUMEL else max(3, args.repeats // 2)
-    times = _subprocess(["--worker", "time", "--repeats", str(repeats), "--warmup", str(args.warmup), *common])
+    timing = ["--worker", "time", "--repeats", str(repeats), "--warmup", str(args.warmup), *common]
+    times = _subprocess(timing, args.passive_omp)
     for impl in IMPLS:
         row[impl].update(times[impl])
     row["repeats"] = repeats
@@ -208,7 +210,8 @@ def _mib(n: int) -> str:
 
 def _print_table(results: dict) -> None:
     print(f"\nADL (paper, gamma 2, beta 1) forward+backward, device={results['device']}, torch {torch.__version__}, "
-          f"{results['threads']} threads; library = hf_sad.losses, reference = plain autograd formula (fp32).")
+          f"{results['threads']} threads, OMP_WAIT_POLICY={results['omp_wait_policy']}, load average before "
+          f"{results['load_average'][0]:.2f}; library = hf_sad.losses, reference = plain autograd formula (fp32).")
     print("time: median wall / CPU time (all threads) after warm-up, both timed alternately in one process.")
     print("peak: extra peak memory of one cold fwd+bwd in a fresh process (CPU: VmHWM reset via /proc/self/clear_refs "
           "minus RSS before; CUDA: max_memory_allocated delta), gradient included.")
@@ -243,6 +246,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per implementation (halved above 10M)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--passive-omp",
+        action="store_true",
+        help="run the workers with OMP_WAIT_POLICY=PASSIVE: on a machine shared with other CPU-bound processes, "
+        "spinning OpenMP threads make every parallel op pay for preemption, which hits the chunked loss (many small "
+        "ops) far harder than the reference (few big ones)",
+    )
     parser.add_argument("--worker", choices=("memory", "time"), help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--shape", type=int, nargs="+", help=argparse.SUPPRESS)
@@ -261,7 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         result = {
             "device": args.device,
-            "threads": torch.get_num_threads(),
+            "threads": args.threads or torch.get_num_threads(),
+            "omp_wait_policy": "PASSIVE" if args.passive_omp else os.environ.get("OMP_WAIT_POLICY", "default"),
+            "load_average": os.getloadavg(),
             "sizes": {name: _bench_size(name, shape, args) for name, shape in SIZES.items()},
         }
         _print_table(result)

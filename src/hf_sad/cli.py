@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from transformers import AutoImageProcessor, AutoModelForObjectDetection, HfArgumentParser
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, HfArgumentParser, set_seed
 
 from .builder import create_detector
 from .data import dataset_label_names, load_labeled_dataset, load_unlabeled_images
@@ -119,6 +119,7 @@ def run_training(data_args: DataArguments, model_args: ModelArguments, training_
     unlabeled = None
     if data_args.unlabeled_data:
         unlabeled = load_unlabeled(data_args.unlabeled_data, data_args.unlabeled_split, data_args.synthetic_image_size)
+    set_seed(training_args.seed)  # a fresh student's initialisation is part of the run: same --seed, same run
     model, processor = build_student(model_args, id2label)
     trainer = SADTrainer(
         model,

@@ -167,7 +167,8 @@ def dataset_label_names(dataset: datasets.Dataset | datasets.IterableDataset) ->
     objects = (dataset.features or {}).get("objects")
     if objects is None:
         return None
-    category = objects["category"] if isinstance(objects, Mapping) else getattr(objects, "feature", {}).get("category")
+    inner = objects if isinstance(objects, Mapping) else getattr(objects, "feature", {})
+    category = inner.get("category")  # None when `objects` lacks it (the schema check then names what is missing)
     feature = getattr(category, "feature", category)
     return list(feature.names) if isinstance(feature, ClassLabel) else None
 
@@ -262,9 +263,15 @@ def _as_stream_rows(
     def to_row(example: dict) -> dict:
         if labeled:
             objects = _objects_as_columns(example["objects"])
-            objects["category"] = map_categories(
-                objects["category"], mapping, id2label, where=f"image {_image_name(example[column])}"
-            )
+            where = " ".join([_image_name(example[column])] + (
+                [f"image_id={example['image_id']}"] if example.get("image_id") is not None else []))
+            objects["category"] = map_categories(objects["category"], mapping, id2label, where=f"image {where}")
+            for box in objects["bbox"]:  # checked here, where the image's name and id are still known
+                if not all(math.isfinite(v) for v in box):
+                    raise ValueError(
+                        f"Annotation of image {where}: bbox {list(box)} has a NaN or infinite coordinate. Fix or "
+                        "remove this box."
+                    )
         else:
             objects = {"bbox": [], "category": []}
         return {"image": example[column], "objects": objects, "is_labeled": labeled}
@@ -384,7 +391,8 @@ def _image_name(value: Any) -> str:
 
 def _describe_row(row: Mapping, position: int) -> str:
     """Where a row comes from, for messages: its image path and its index in the stream or its image id."""
-    parts = [_image_name(row.get("image"))] if _image_name(row.get("image")) != "(in-memory image)" else []
+    name = _image_name(row.get("image"))
+    parts = [name] if name != "(in-memory image)" else []
     parts += [f"{key}={row[key]}" for key in ("sample_index", "image_id") if row.get(key) is not None]
     return " ".join(parts) or f"row {position} of the batch"
 

@@ -13,20 +13,28 @@ images) are left out of the distillation, as in the original implementation.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import re
+import types
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import SADDataCollator, build_training_stream, category_mapping, dataset_label_names
 from .evaluation import DetectionMetrics, pack_detections, pack_targets
 from .losses import adaptive_distillation_loss, focal_distillation_loss, hard_pseudo_labels, kl_distillation_loss
 from .modeling_sad import SADForObjectDetection
+
+logger = logging.getLogger(__name__)
 
 DISTILL_LOSSES = ("adl", "kl", "fdl", "hard", "none")
 _TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,6 +82,17 @@ class SADTrainingArguments(TrainingArguments):
             Probability of a horizontal flip of a training image.
         scale_jitter (`list[float]`, *optional*, defaults to `[0.8, 1.2]`):
             Range of the factor applied to the processor's target size for training images.
+        max_skipped_image_fraction (`float`, *optional*, defaults to 0.01):
+            Undecodable training images are skipped (and counted: `skipped_images` in the logs and the results); the
+            run stops with an error naming examples when more than this share of the images read was skipped.
+        min_images_before_skip_check (`int`, *optional*, defaults to 1000):
+            `max_skipped_image_fraction` is only judged once this many training images were read (all processes
+            together), so that one bad file early in a run does not stop it.
+        skip_bad_labeled_images (`bool`, *optional*, defaults to `False`):
+            Skip (and count) undecodable labeled images too; by default such an image is an error naming it.
+        max_consecutive_nonfinite_steps (`int`, *optional*, defaults to 10):
+            A step whose loss or gradients are NaN/inf is skipped (no weight, optimizer-state or BatchNorm update) and
+            counted (`nonfinite_steps`); this many such steps in a row stop the run with an error.
     """
 
     distill_loss: str = field(default="adl", metadata={"help": f"Distillation loss, one of {DISTILL_LOSSES}."})
@@ -90,6 +109,18 @@ class SADTrainingArguments(TrainingArguments):
     teacher_dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto."})
     hflip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
     scale_jitter: list[float] = field(default_factory=lambda: [0.8, 1.2], metadata={"help": "Scale jitter range."})
+    max_skipped_image_fraction: float = field(
+        default=0.01, metadata={"help": "Stop when more than this share of training images could not be decoded."}
+    )
+    min_images_before_skip_check: int = field(
+        default=1000, metadata={"help": "Judge max_skipped_image_fraction only after this many images were read."}
+    )
+    skip_bad_labeled_images: bool = field(
+        default=False, metadata={"help": "Skip undecodable labeled images instead of stopping with an error."}
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=10, metadata={"help": "Stop after this many consecutive steps with a NaN/inf loss (each is skipped)."}
+    )
 
     # Detection-correct defaults of inherited fields.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all columns: the collator needs them."})
@@ -134,6 +165,19 @@ class SADTrainingArguments(TrainingArguments):
             fail("hflip_prob", "a probability")
         if len(self.scale_jitter) != 2 or not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
             fail("scale_jitter", "two factors 0 < low <= high")
+        if not 0 <= self.max_skipped_image_fraction <= 1:
+            fail("max_skipped_image_fraction", "a share in [0, 1]")
+        if self.min_images_before_skip_check < 0:
+            fail("min_images_before_skip_check", "a non-negative number of images")
+        if self.max_consecutive_nonfinite_steps < 1:
+            fail("max_consecutive_nonfinite_steps", "a number of steps >= 1")
+
+    def __getstate__(self) -> dict:
+        """Pickled arguments (`training_args.bin`, which Trainer writes next to the model and into every checkpoint)
+        never carry the Hub token; `to_dict`/`to_json_string` already redact it."""
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
 
     @property
     def resolved_teacher_dtype(self) -> torch.dtype:
@@ -170,11 +214,61 @@ def _load_model(model: SADForObjectDetection | str, role: str) -> SADForObjectDe
     if isinstance(model, str):
         try:
             model = AutoModelForObjectDetection.from_pretrained(model)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # missing/unreadable files; ValueError: a folder without a SAD config
             raise ValueError(f"Could not load the {role} from {model!r}: {err}") from err
     if not isinstance(model, SADForObjectDetection):
         raise TypeError(f"The {role} must be a SADForObjectDetection, got {type(model).__name__}.")
     return model
+
+
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+#: Suffix of the marker file `checkpoint-N.incomplete` that exists beside a checkpoint folder while it is written.
+INCOMPLETE_SUFFIX = ".incomplete"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
+
+
+def checkpoint_problems(checkpoint: str | Path) -> list[str]:
+    """Why `checkpoint` is not a complete Trainer checkpoint (an empty list when it is).
+
+    A checkpoint is complete when its writing finished (no `checkpoint-N.incomplete` marker beside it, see
+    `SADTrainer._save_checkpoint`), its `trainer_state.json` parses and it holds model weights.
+    """
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return [f"{path} is not a folder"]
+    problems = []
+    if path.with_name(path.name + INCOMPLETE_SUFFIX).exists():
+        problems.append("its writing was interrupted (marker file " + path.name + INCOMPLETE_SUFFIX + ")")
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        problems.append("trainer_state.json is missing")
+    except (OSError, ValueError):
+        problems.append("trainer_state.json is unreadable")
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        problems.append("it holds no model weights (model.safetensors)")
+    return problems
+
+
+def get_last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The complete `checkpoint-N` with the largest N in `folder` (transformers' `get_last_checkpoint` without the
+    checkpoints whose writing was interrupted, which are logged and skipped), or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT_NAME.match(p.name))]
+    for _, path in sorted(found, reverse=True):
+        problems = checkpoint_problems(path)
+        if not problems:
+            return str(path)
+        logger.warning("Ignoring the incomplete checkpoint %s: %s.", path, "; ".join(problems))
+    return None
+
+
+def _is_empty_batch(inputs: dict[str, Any]) -> bool:
+    """Whether a collated batch is the placeholder of a batch whose images were all undecodable (`SADDataCollator`)."""
+    flag = inputs.get("empty_batch")
+    return flag is not None and bool(flag)
 
 
 class SADTrainer(Trainer):
@@ -241,6 +335,7 @@ class SADTrainer(Trainer):
                 category_map=category_map,
                 seed=args.data_seed if args.data_seed is not None else args.seed,
                 num_shards=max(8, args.world_size * max(1, args.dataloader_num_workers)),
+                id2label=model.config.id2label,
             )
         elif eval_dataset is not None:
             category_map = category_mapping(eval_dataset, model.config.id2label)
@@ -250,6 +345,8 @@ class SADTrainer(Trainer):
             scale_range=tuple(args.scale_jitter),
             seed=args.seed,
             category_map=category_map,
+            id2label=model.config.id2label,
+            skip_bad_labeled_images=args.skip_bad_labeled_images,
         )
         super().__init__(
             model=model,
@@ -269,6 +366,11 @@ class SADTrainer(Trainer):
             dtype = args.resolved_teacher_dtype
             self.teacher = teacher.requires_grad_(False).eval().to(device=self.accelerator.device, dtype=dtype)
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        # Robustness counters, summed over processes (see training_step); reported in the logs and train() metrics.
+        self._counts = {"images_seen": 0, "skipped_images": 0, "dropped_boxes": 0, "nonfinite_steps": 0}
+        self._skipped_examples: list[str] = []
+        self._step_health: dict[str, Any] = {}  # the optimizer step being accumulated: non-finite loss? rows?
+        self._consecutive_nonfinite = 0
 
     @staticmethod
     def _steps_for_epochs(args: SADTrainingArguments, labeled, unlabeled) -> int:
@@ -294,6 +396,8 @@ class SADTrainer(Trainer):
 
         # Every student output enters the loss, so DDP sees a gradient for every parameter even on odd batches.
         loss = outputs.logits.sum() * 0.0 + outputs.box_regression.sum() * 0.0
+        if _is_empty_batch(inputs):  # all images undecodable: a zero loss on the placeholder (training_step skips)
+            return (loss, outputs) if return_outputs else loss
         assignment_labels = torch.zeros(outputs.logits.shape[:2], dtype=torch.long, device=outputs.logits.device)
         if labeled_idx:
             loss_gt, loss_dict, assignment = detector.detection_loss(
@@ -428,11 +532,18 @@ class SADTrainer(Trainer):
         if self._metrics and "loss" in logs:
             logs = {**logs, **{k: round(sum(v) / len(v), 6) for k, v in self._metrics.items() if v}}
             self._metrics.clear()
+        if "loss" in logs:  # cumulative robustness counters (all processes)
+            logs = {**logs, **self.robustness_counts()}
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):
+        """`Trainer.train`, resuming only from complete checkpoints: `resume_from_checkpoint=True` (or the strings
+        "true"/"last", as the CLI passes them) picks the last complete one; an incomplete path is an error naming what
+        is missing and the checkpoint to use instead. The returned metrics include the robustness counters."""
+        args, kwargs = self._resolve_resume(args, kwargs)
         result = super().train(*args, **kwargs)
         self._sync_buffers_from_main_process()
+        result.metrics.update(self.robustness_counts())
         return result
 
     def _sync_buffers_from_main_process(self) -> None:
@@ -447,12 +558,187 @@ class SADTrainer(Trainer):
                 torch.distributed.broadcast(buffer.data, src=0)
 
     # ------------------------------------------------------------------------------------------------------------------
+    # Robustness: bad images, non-finite steps, complete checkpoints
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def robustness_counts(self) -> dict[str, int]:
+        """Cumulative counts (all processes): undecodable images skipped, boxes dropped, non-finite steps skipped."""
+        return {k: v for k, v in self._counts.items() if k != "images_seen"}
+
+    def _sum_across_processes(self, values: list[float]) -> list[int]:
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+            torch.distributed.all_reduce(tensor)
+            values = tensor.tolist()
+        return [int(v) for v in values]
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """`Trainer.training_step` (forward + backward), guarded against bad batches.
+
+        - Counts the images the collator skipped and the boxes it dropped, and stops with an error naming examples
+          when more than `max_skipped_image_fraction` of the images read were skipped (judged once
+          `min_images_before_skip_check` images were read). Counts come from the batch, so they work with DataLoader
+          workers, and are summed over processes, so every process takes the same decision.
+        - A non-finite loss (on any process) marks the optimizer step being accumulated as bad: the step is then
+          skipped (see `create_optimizer`). BatchNorm statistics changed by this batch (or by the placeholder of an
+          all-skipped batch) are restored, so that nothing of a skipped batch reaches the weights.
+        """
+        args: SADTrainingArguments = self.args
+        module = self.accelerator.unwrap_model(model)
+        saved_buffers = [buffer.detach().clone() for buffer in module.buffers()]
+        if self._step_health.get("step") != self.state.global_step:  # first micro-batch of an optimizer step
+            self._step_health = {"step": self.state.global_step, "nonfinite": False, "rows": 0,
+                                 "buffers": saved_buffers}
+        empty = _is_empty_batch(inputs)
+        rows = 0 if empty else len(inputs["is_labeled"])
+        skipped, dropped = int(inputs.get("num_skipped", 0)), int(inputs.get("num_dropped_boxes", 0))
+        examples = list(inputs.get("skipped_examples", []))
+
+        loss = super().training_step(model, inputs, num_items_in_batch)
+
+        local_nonfinite = not bool(torch.isfinite(loss).all())
+        nonfinite, rows, skipped, dropped = self._sum_across_processes([local_nonfinite, rows, skipped, dropped])
+        if nonfinite or empty:
+            with torch.no_grad():
+                for buffer, saved in zip(module.buffers(), saved_buffers):
+                    buffer.copy_(saved)
+        self._step_health["nonfinite"] |= bool(nonfinite)
+        self._step_health["rows"] += rows
+        self._counts["images_seen"] += rows + skipped
+        self._counts["skipped_images"] += skipped
+        self._counts["dropped_boxes"] += dropped
+        self._skipped_examples += examples[: max(0, 10 - len(self._skipped_examples))]
+        seen, total_skipped = self._counts["images_seen"], self._counts["skipped_images"]
+        if (
+            total_skipped
+            and seen >= args.min_images_before_skip_check
+            and total_skipped > args.max_skipped_image_fraction * seen
+        ):
+            raise RuntimeError(
+                f"{total_skipped} of the {seen} training images read so far could not be decoded "
+                f"({total_skipped / seen:.1%}, more than max_skipped_image_fraction={args.max_skipped_image_fraction})."
+                f" Examples: {'; '.join(self._skipped_examples) or '(skipped on other processes)'}. Fix or remove "
+                "these files, or raise max_skipped_image_fraction."
+            )
+        return loss
+
+    def create_optimizer(self, model=None):
+        """`Trainer.create_optimizer`, with its `step` guarded: a step whose accumulated batches had a non-finite loss,
+        whose gradients are not finite, or whose batches held no decodable image is skipped. Skipping `step` itself
+        (rather than zeroing gradients) leaves the weights AND the optimizer state (moments, weight decay) untouched;
+        the learning-rate schedule and `global_step` still advance. Under fp16 the GradScaler's own skip comes first."""
+        optimizer = super().create_optimizer(model)
+        if not getattr(optimizer, "_sad_step_guard", False):
+            step, trainer = optimizer.step, self
+
+            def guarded_step(optimizer_self, *args, **kwargs):
+                if trainer._skip_optimizer_step(optimizer_self):
+                    return None
+                return step(*args, **kwargs)
+
+            optimizer.step = types.MethodType(guarded_step, optimizer)
+            optimizer._sad_step_guard = True
+        return optimizer
+
+    def _skip_optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        args: SADTrainingArguments = self.args
+        health = self._step_health if self._step_health.get("step") == self.state.global_step else {}
+        self._step_health = {}
+        step = self.state.global_step + 1
+        if health and not health["nonfinite"] and not health["rows"]:
+            logger.warning("Step %d skipped (no weight update): every image of its batches was undecodable.", step)
+            return True
+        cause = "the loss was NaN or infinite" if health.get("nonfinite") else None
+        if cause is None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            local = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+            if self._sum_across_processes([local])[0]:
+                cause = "the gradients were NaN or infinite"
+        if cause is None:
+            self._consecutive_nonfinite = 0
+            return False
+        if health:  # BatchNorm statistics as they were before the step's first micro-batch
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), health["buffers"]):
+                    buffer.copy_(saved)
+        self._counts["nonfinite_steps"] += 1
+        self._consecutive_nonfinite += 1
+        logger.warning(
+            "Step %d skipped (no weight update): %s (%d in a row, %d in total).",
+            step, cause, self._consecutive_nonfinite, self._counts["nonfinite_steps"],
+        )
+        if self._consecutive_nonfinite >= args.max_consecutive_nonfinite_steps:
+            recent = {k: round(sum(v) / len(v), 6) for k, v in self._metrics.items() if v}
+            raise RuntimeError(
+                f"Stopping: {cause} for {self._consecutive_nonfinite} consecutive optimizer steps (the last is step "
+                f"{step}; max_consecutive_nonfinite_steps={args.max_consecutive_nonfinite_steps}). These steps were "
+                f"skipped, so the weights are not poisoned. Recent loss terms: {recent or 'none recorded'}. Lower "
+                "learning_rate, set max_grad_norm, check the data (NaN pixels, extreme boxes), train in fp32 rather "
+                "than fp16, or raise max_consecutive_nonfinite_steps."
+            )
+        return True
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint` (which writes `checkpoint-N` in place, file by file), made safe to interrupt: a
+        marker file `checkpoint-N.incomplete` exists beside the folder until every process has written its part, so
+        that a run killed mid-save leaves a checkpoint that resumption (`train(resume_from_checkpoint=True)`,
+        `get_last_complete_checkpoint`) recognises as incomplete and never picks up."""
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        marker = folder.with_name(folder.name + INCOMPLETE_SUFFIX)
+        if self.args.should_save:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process has written its files (RNG states) into the folder
+        if self.args.should_save:
+            marker.unlink(missing_ok=True)
+
+    def _resolve_resume(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """`train()`'s resume_from_checkpoint, checked: see `train`."""
+        positional = bool(args)
+        value = args[0] if positional else kwargs.get("resume_from_checkpoint")
+        if isinstance(value, str) and value.lower() in ("true", "last") and not Path(value).exists():
+            value = True
+        if value is True:
+            value = get_last_complete_checkpoint(self.args.output_dir)
+            if value is None:
+                raise ValueError(
+                    f"resume_from_checkpoint: there is no complete checkpoint in {self.args.output_dir} to resume from."
+                )
+            logger.info("Resuming from %s, the last complete checkpoint.", value)
+        elif isinstance(value, (str, Path)):
+            problems = checkpoint_problems(value)
+            if problems:
+                last = get_last_complete_checkpoint(Path(value).parent)
+                hint = f"resume from {last} instead" if last else "no complete checkpoint is left beside it"
+                raise ValueError(
+                    f"Cannot resume from {value}: {'; '.join(problems)}. It was probably interrupted while being "
+                    f"written; {hint} (resume_from_checkpoint=True picks the last complete checkpoint)."
+                )
+        if positional:
+            return (value, *args[1:]), kwargs
+        if "resume_from_checkpoint" in kwargs:
+            kwargs = {**kwargs, "resume_from_checkpoint": value}
+        return args, kwargs
+
+    # ------------------------------------------------------------------------------------------------------------------
     # Evaluation
     # ------------------------------------------------------------------------------------------------------------------
 
     def evaluation_loop(self, *args, **kwargs):
         self._sync_buffers_from_main_process()  # evaluation during or after DDP training: one model on all ranks
         return super().evaluation_loop(*args, **kwargs)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Evaluation images reach the collator undecoded (a metadata-only cast), so that an undecodable one is an
+        error naming it (or skipped with `skip_bad_labeled_images`) rather than an anonymous error inside datasets."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, datasets.Dataset):
+            for name, feature in dataset.features.items():
+                if isinstance(feature, datasets.Image) and feature.decode:
+                    dataset = dataset.cast_column(name, datasets.Image(decode=False))
+            eval_dataset = dataset
+        return super().get_eval_dataloader(eval_dataset)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Supervised loss, and detections + ground truth packed as padded tensors for the COCO metric."""
@@ -467,4 +753,6 @@ class SADTrainer(Trainer):
         detections = self.processing_class.post_process_object_detection(
             outputs, threshold=config.score_threshold, target_sizes=original_sizes
         )
+        if _is_empty_batch(inputs):  # the placeholder of an all-undecodable batch: no image to score
+            return loss, pack_detections(detections)[:0], pack_targets(labels)[:0]
         return loss, pack_detections(detections), pack_targets(labels)

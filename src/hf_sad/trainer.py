@@ -265,6 +265,13 @@ def get_last_complete_checkpoint(folder: str | Path) -> str | None:
     return None
 
 
+def _rows_detection_loss(detector: SADForObjectDetection, outputs, rows: list[int], targets: list[dict]):
+    """The detector's supervised loss on a subset of the batch's images (`rows`) against `targets`."""
+    return detector.detection_loss(
+        outputs.logits[rows], outputs.box_regression[rows], outputs.anchors, targets, outputs.image_sizes[rows]
+    )
+
+
 def _is_empty_batch(inputs: dict[str, Any]) -> bool:
     """Whether a collated batch is the placeholder of a batch whose images were all undecodable (`SADDataCollator`)."""
     flag = inputs.get("empty_batch")
@@ -400,12 +407,8 @@ class SADTrainer(Trainer):
             return (loss, outputs) if return_outputs else loss
         assignment_labels = torch.zeros(outputs.logits.shape[:2], dtype=torch.long, device=outputs.logits.device)
         if labeled_idx:
-            loss_gt, loss_dict, assignment = detector.detection_loss(
-                outputs.logits[labeled_idx],
-                outputs.box_regression[labeled_idx],
-                outputs.anchors,
-                [labels[i] for i in labeled_idx],
-                outputs.image_sizes[labeled_idx],
+            loss_gt, loss_dict, assignment = _rows_detection_loss(
+                detector, outputs, labeled_idx, [labels[i] for i in labeled_idx]
             )
             loss = loss + loss_gt
             assignment_labels[labeled_idx] = assignment.labels
@@ -444,12 +447,8 @@ class SADTrainer(Trainer):
         loss = outputs.logits.new_zeros((), dtype=torch.float32)
         if args.distill_loss == "hard":
             if unlabeled_idx:
-                loss_hard, _, _ = detector.detection_loss(
-                    outputs.logits[unlabeled_idx],
-                    outputs.box_regression[unlabeled_idx],
-                    outputs.anchors,
-                    [pseudo[i] for i in unlabeled_idx],
-                    outputs.image_sizes[unlabeled_idx],
+                loss_hard, _, _ = _rows_detection_loss(
+                    detector, outputs, unlabeled_idx, [pseudo[i] for i in unlabeled_idx]
                 )
                 loss = loss + args.unlabeled_distill_weight * loss_hard
                 self._record("loss_distill_unlabeled", loss_hard)

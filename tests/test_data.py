@@ -134,7 +134,6 @@ def test_coco_annotation_with_undeclared_category_is_an_error(tmp_path, labeled)
         load_coco_detection(path)
 
 
-@pytest.mark.skipif(not (BCCD / "train.json").is_file(), reason="the shared BCCD dataset is not available")
 def test_real_coco_dataset_bccd():
     for split, num_images, num_boxes in (("train", 291, 3879), ("val", 73, 1007)):
         dataset = load_labeled_dataset(BCCD, split=split)
@@ -152,7 +151,6 @@ def test_real_coco_dataset_bccd():
     assert dataset[0]["image"].size == (640, 480)
 
 
-@pytest.mark.skipif(not (BCCD / "train.json").is_file(), reason="the shared BCCD dataset is not available")
 def test_bccd_through_stream_and_collator_to_a_model_with_its_classes():
     dataset = load_labeled_dataset(BCCD, split="val").select(range(3))
     torch.manual_seed(0)

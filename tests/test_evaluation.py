@@ -19,8 +19,7 @@ STAT_KEYS += ["mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_larg
 
 def _bccd_targets() -> tuple[list[dict], dict[int, str]]:
     """BCCD val ground truth as per-image targets: boxes xyxy absolute pixels, 0-based labels, given area/iscrowd."""
-    if not BCCD_VAL.is_file():
-        pytest.skip(f"{BCCD_VAL} not available")
+    assert BCCD_VAL.is_file(), f"{BCCD_VAL} is missing: the shared BCCD dataset must sit at ../shared"
     coco = json.loads(BCCD_VAL.read_text())
     id2label = {c["id"] - 1: c["name"] for c in coco["categories"]}
     per_image = {image["id"]: [] for image in coco["images"]}

@@ -172,7 +172,7 @@ class DemoArguments:
     """The built-in teacher -> student demo on generated data (no network)."""
 
     output_dir: str = field(default="sad-demo", metadata={"help": "Where results, the student and pictures go."})
-    quick: bool = field(default=False, metadata={"help": "A smoke run of about 2 minutes instead of about 10."})
+    quick: bool = field(default=False, metadata={"help": "A smoke run: a few steps per model."})
     seed: int = field(default=0, metadata={"help": "Seed of data and initialisation."})
 
 

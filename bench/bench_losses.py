@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import peak_rss_bytes, reset_peak_rss, rss_bytes  # bench/ is on sys.path: scripts run from it
 from torch import Tensor
 
 from hf_sad.losses import adaptive_distillation_loss
@@ -67,28 +67,6 @@ def _make_inputs(shape: tuple[int, ...], device: str) -> tuple[Tensor, Tensor]:
     return student.requires_grad_(), teacher
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -112,12 +90,12 @@ def _memory_worker(impl: str, shape: tuple[int, ...], device: str) -> dict:
         loss.backward()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        exact = _reset_peak_rss()
-        before = _rss_bytes()
+        exact = reset_peak_rss()
+        before = rss_bytes()
         loss = fn(student, teacher)
-        held = _rss_bytes() - before
+        held = rss_bytes() - before
         loss.backward()
-        peak = _peak_rss_bytes() - before if exact else -1  # a lifetime peak would include imports and inputs
+        peak = peak_rss_bytes() - before if exact else -1  # a lifetime peak would include imports and inputs
     return {"loss": float(loss), "peak_bytes": peak, "held_bytes": held}
 
 

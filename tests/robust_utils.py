@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from transformers import TrainerCallback
 
 from hf_sad import create_detector
 from hf_sad.synthetic import synthetic_id2label
@@ -119,3 +120,14 @@ def detection_dataset(images: list[dict], objects: list[dict], class_label: bool
                     "category": datasets.List(category)},
     })
     return datasets.Dataset.from_dict({"image": images, "objects": objects}, features=features)
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` optimizer steps (the schedule still spans max_steps)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True

@@ -32,7 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_sad.synthetic import make_labeled_dataset
 from hf_sad.trainer import SADTrainer, checkpoint_problems, get_last_complete_checkpoint
 
-from .robust_utils import make_args, tiny_detector
+from .robust_utils import StopAt, make_args, tiny_detector
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("robust_worker.py")
@@ -154,15 +154,6 @@ def test_consecutive_nonfinite_steps_stop_the_run_naming_the_cause(tmp_path, lab
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints that were not completely written
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 class SimulatedKill(Exception):

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from hf_sad import create_detector
 from hf_sad.data import SADDataCollator, build_training_stream
 from hf_sad.synthetic import make_labeled_dataset, make_unlabeled_stream, synthetic_id2label
 from hf_sad.trainer import SADTrainer, SADTrainingArguments, check_teacher_compatible
+
+from .robust_utils import StopAt
 
 TINY = dict(fpn_channels=16, head_channels=16, head_num_convs=1)
 SIZE = {"height": 96, "width": 96}
@@ -176,17 +177,6 @@ def test_evaluate_reports_coco_map(tmp_path, labeled, val):
     for key in ("eval_loss", "eval_map", "eval_map_50", "eval_map_75", "eval_map_small", "eval_map_circle"):
         assert key in metrics, key
     assert 0.0 <= metrics["eval_map"] <= 1.0
-
-
-class StopAt(TrainerCallback):
-    """Interrupts training after `step` optimizer steps (the schedule still spans max_steps)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, labeled):

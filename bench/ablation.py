@@ -45,6 +45,7 @@ class Row:
     unlabeled: str | None = None  # None, "same" or "shifted"
     teacher: str = "large"  # "large" or "same" (the trained baseline student)
     model: str = "student"  # "teacher" or "student"
+    settings: tuple[tuple[str, float], ...] = ()  # other SADTrainingArguments of this row, e.g. a loss weight
 
 
 ROWS = [
@@ -57,6 +58,12 @@ ROWS = [
     Row("hard", "student + hard pseudo-labels (unlabeled)", "hard", unlabeled="same"),
     Row("sad", "SAD: ADL, labeled + unlabeled", "adl", unlabeled="same"),
     Row("sad_shifted", "SAD, unlabeled from a shifted distribution", "adl", unlabeled="shifted"),
+]
+# Follow-up rows, run only when named in --rows: what was tried where a claim did not reproduce (docs/results.md).
+INVESTIGATIONS = [
+    Row("adl_w5", "student + ADL (labeled), distillation weight 5", "adl", settings=(("labeled_distill_weight", 5.0),)),
+    Row("sad_w5", "SAD, distillation weights 5", "adl", unlabeled="same",
+        settings=(("labeled_distill_weight", 5.0), ("unlabeled_distill_weight", 5.0))),
 ]
 
 # synthetic = exactly the demo's settings, so rows teacher / baseline / sad of seed 0 are `hf-sad demo`'s three runs.
@@ -110,7 +117,7 @@ def run_row(row: Row, dataset: str, seed: int, config: DemoConfig, work: Path) -
     batch = 2 * config.batch_size if stream is not None else config.batch_size
     args = training_arguments(
         replace(config, batch_size=batch, seed=seed), work / row.key, steps, distill_loss=row.distill_loss,
-        unlabeled_ratio=0.5 if stream is not None else 0.0, disable_tqdm=True,
+        unlabeled_ratio=0.5 if stream is not None else 0.0, disable_tqdm=True, **dict(row.settings),
     )
     trainer, metrics, seconds = train_and_evaluate(f"{dataset}/{seed}/{row.key}", model, processor, args, train, val,
                                                    teacher=teacher, unlabeled=stream)
@@ -131,7 +138,7 @@ def summarize(runs: dict[tuple, dict], datasets: list[str]) -> dict[str, dict[st
     table: dict[str, dict[str, tuple[float, float, int, float]]] = {}
     for dataset in datasets:
         table[dataset] = {}
-        for row in ROWS:
+        for row in ROWS + INVESTIGATIONS:
             found = [r for (d, _, k), r in runs.items() if d == dataset and k == row.key]
             if found:
                 values = [100 * r["map"] for r in found]
@@ -149,7 +156,7 @@ def write_chart(table, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 4.5), squeeze=False)
     for ax, (dataset, rows) in zip(axes[0], table.items()):
-        keys = [r.key for r in ROWS if r.key in rows]
+        keys = [r.key for r in ROWS + INVESTIGATIONS if r.key in rows]
         means = [rows[k][0] for k in keys]
         stds = [rows[k][1] for k in keys]
         colours = ["#777777" if k in ("teacher", "baseline") else "#1f77b4" for k in keys]
@@ -171,7 +178,7 @@ def write_report(table, settings: dict, command: str, path: Path) -> None:
         "| row | " + " | ".join(table) + " |",
         "|---|" + "---|" * len(table),
     ]
-    for row in ROWS:
+    for row in ROWS + [r for r in INVESTIGATIONS if any(r.key in rows for rows in table.values())]:
         cells = []
         for dataset in table:
             if row.key in table[dataset]:
@@ -218,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data and a few steps per row")
     parser.add_argument("--datasets", default="synthetic,bccd", help="comma-separated: synthetic, bccd")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per dataset (default: synthetic 3, bccd 2)")
-    parser.add_argument("--rows", default=",".join(r.key for r in ROWS), help="comma-separated row keys")
+    parser.add_argument("--rows", default=",".join(r.key for r in ROWS),
+                        help="comma-separated row keys (default: the grid; follow-ups: "
+                        + ", ".join(r.key for r in INVESTIGATIONS) + ")")
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "ablation"))
     parser.add_argument("--docs_dir", default=None, help="where results.md and ablation.png go (default: docs/, or "
                         "the work dir with --quick)")
@@ -228,7 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
     work_dir = Path(args.work_dir) / ("quick" if args.quick else "full")
     runs_file = work_dir / "runs.jsonl"
     runs = load_runs(runs_file)
-    wanted = [r for r in ROWS if r.key in args.rows.split(",")]
+    unknown = set(args.rows.split(",")) - {r.key for r in ROWS + INVESTIGATIONS}
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; rows: {[r.key for r in ROWS + INVESTIGATIONS]}")
+    wanted = [r for r in ROWS + INVESTIGATIONS if r.key in args.rows.split(",")]
     plan = [(d, s, r) for d in datasets for s in range(args.seeds or {"synthetic": 3, "bccd": 2}[d]) for r in wanted]
     done = sum((d, s, r.key) in runs for d, s, r in plan)
     print(f"{len(plan)} runs planned, {done} already done ({runs_file})", flush=True)

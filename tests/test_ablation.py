@@ -56,11 +56,14 @@ def test_report_keeps_the_hand_written_discussion(ablation, tmp_path):
     ablation.write_report(table, settings, "python bench/ablation.py", report)
     assert "| student, supervised | 12.0 ± 2.0 (n=3, 11 s) |" in report.read_text()
     assert "| SAD: ADL, labeled + unlabeled | not run |" in report.read_text()
+    assert "weight 5" not in report.read_text()  # follow-up rows appear once they have run
     report.write_text(report.read_text() + "\n## Discussion\n\nWhy the numbers look as they do.\n")
     table["synthetic"]["baseline"] = (13.0, 1.0, 3, 11.0)
+    table["synthetic"]["adl_w5"] = (14.0, 1.0, 3, 12.0)
     ablation.write_report(table, settings, "python bench/ablation.py", report)
     text = report.read_text()
     assert "13.0 ± 1.0" in text and "12.0 ± 2.0" not in text
+    assert "| student + ADL (labeled), distillation weight 5 | 14.0 ± 1.0 (n=3, 12 s) |" in text
     assert text.count("## Discussion") == 1 and text.endswith("Why the numbers look as they do.\n")
 
 

@@ -53,7 +53,8 @@ def test_arguments_validate_and_set_detection_defaults(tmp_path):
     assert args.ddp_find_unused_parameters is False
     assert args.accelerator_config.dispatch_batches is False
     for field, value in [("distill_loss", "mse"), ("unlabeled_ratio", 1.0), ("distill_temperature", 0.0),
-                         ("adl_variant", "x"), ("pseudo_label_threshold", 1.5), ("teacher_dtype", "int8")]:
+                         ("adl_variant", "x"), ("pseudo_label_threshold", 1.5), ("teacher_dtype", "int8"),
+                         ("pseudo_box_weight", -1.0)]:
         with pytest.raises(ValueError, match=field):
             make_args(tmp_path, **{field: value})
 
@@ -157,17 +158,40 @@ def test_each_distillation_loss_trains(tmp_path, labeled, distill_loss):
         assert trainer.teacher is None and "loss_distill_labeled" not in logs[0]
 
 
+def unlabeled_batch(trainer, labeled):
+    rows = list(build_training_stream(labeled, make_unlabeled_stream(image_size=96)).take(8))[1::2]
+    inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+    assert not inputs["is_labeled"].any()
+    return inputs
+
+
 def test_unlabeled_rows_get_no_supervised_loss(tmp_path, labeled):
     """A batch of only unlabeled rows: the supervised term is absent and only distillation moves the student."""
     student, teacher, processor = student_and_teacher()
-    trainer = SADTrainer(student, teacher, make_args(tmp_path), labeled, processing_class=processor)
-    unlabeled_rows = list(build_training_stream(labeled, make_unlabeled_stream(image_size=96)).take(8))[1::2]
-    inputs = trainer._prepare_inputs(trainer.data_collator(unlabeled_rows))
-    assert not inputs["is_labeled"].any()
+    trainer = SADTrainer(student, teacher, make_args(tmp_path, pseudo_box_weight=0.0), labeled,
+                         processing_class=processor)
     student.train()
-    loss = trainer.compute_loss(student, inputs)
+    loss = trainer.compute_loss(student, unlabeled_batch(trainer, labeled))
     assert "loss_gt" not in trainer._metrics and "loss_distill_unlabeled" in trainer._metrics
+    assert "loss_box_pseudo" not in trainer._metrics
     torch.testing.assert_close(loss.detach(), torch.tensor(trainer._metrics["loss_distill_unlabeled"][0]))
+    loss.backward()
+    assert not student.box_head.predictor.weight.grad.any(), "soft targets alone must not train the box head"
+
+
+def test_pseudo_boxes_train_box_regression_on_unlabeled_rows(tmp_path, labeled):
+    """The teacher's detections are hard boxes for the box loss of unlabeled images, weighted by pseudo_box_weight."""
+    student, teacher, processor = student_and_teacher()
+    args = make_args(tmp_path, pseudo_label_threshold=0.005, pseudo_box_weight=2.0)
+    trainer = SADTrainer(student, teacher, args, labeled, processing_class=processor)
+    student.train()
+    loss = trainer.compute_loss(student, unlabeled_batch(trainer, labeled))
+    box, distill = trainer._metrics["loss_box_pseudo"][0], trainer._metrics["loss_distill_unlabeled"][0]
+    assert trainer._metrics["pseudo_boxes_per_image"][0] > 0 and box > 0
+    torch.testing.assert_close(loss.detach(), torch.tensor(distill + 2.0 * box))
+    loss.backward()
+    assert student.box_head.predictor.weight.grad.abs().sum() > 0
+    assert trainer.distillation_hyperparameters()["pseudo_box_weight"] == 2.0
 
 
 def test_evaluate_reports_coco_map(tmp_path, labeled, val):

@@ -438,12 +438,11 @@ class SADForObjectDetection(SADPreTrainedModel):
             The loss, `{"loss_cls", "loss_box", "num_positives"}` detached, and the anchor assignment.
         """
         _check_labels(labels, self.config.num_labels)
-        gt_boxes = [_absolute_xyxy(t["boxes"], size) for t, size in zip(labels, image_sizes)]
         assignment = self.assign_anchors(anchors, labels, image_sizes)
         positive = assignment.labels == 1
-        num_positives = _mean_across_processes(positive.sum().float(), self.config.sync_num_positives).clamp(min=1.0)
+        num_positives = _num_positives(assignment, self.config.sync_num_positives)
 
-        padded_boxes, padded_classes = pad_boxes(gt_boxes, [t["class_labels"].long() for t in labels])
+        _, padded_classes = pad_boxes([t["boxes"] for t in labels], [t["class_labels"].long() for t in labels])
         matched_classes = padded_classes.gather(1, assignment.matched_idx)
         logits = logits.float()
         cls_targets = torch.zeros_like(logits)
@@ -452,8 +451,27 @@ class SADForObjectDetection(SADPreTrainedModel):
             logits, cls_targets, alpha=self.config.focal_alpha, gamma=self.config.focal_gamma, reduction="none"
         )
         loss_cls = (focal * (assignment.labels >= 0).unsqueeze(-1)).sum() / num_positives
+        loss_box = self.box_loss(box_regression, anchors, labels, image_sizes, assignment, num_positives)
 
-        batch_idx, anchor_idx = positive.nonzero(as_tuple=True)
+        loss = loss_cls + self.config.box_loss_weight * loss_box
+        loss_dict = {"loss_cls": loss_cls.detach(), "loss_box": loss_box.detach(), "num_positives": num_positives}
+        return loss, loss_dict, assignment
+
+    def box_loss(
+        self,
+        box_regression: torch.Tensor,
+        anchors: torch.Tensor,
+        labels: list[dict[str, torch.Tensor]],
+        image_sizes: torch.Tensor,
+        assignment: AnchorAssignment,
+        num_positives: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Box loss of the positive anchors of `assignment` against their matched boxes, summed and divided by
+        `num_positives` (default: the batch's positives). Arguments as in `detection_loss`; `assignment` comes from
+        `assign_anchors`."""
+        gt_boxes = [_absolute_xyxy(t["boxes"], size) for t, size in zip(labels, image_sizes)]
+        padded_boxes, _ = pad_boxes(gt_boxes, [t["class_labels"].long() for t in labels])
+        batch_idx, anchor_idx = (assignment.labels == 1).nonzero(as_tuple=True)
         matched_boxes = padded_boxes[batch_idx, assignment.matched_idx[batch_idx, anchor_idx]]
         pos_anchors, pos_deltas = anchors[anchor_idx], box_regression[batch_idx, anchor_idx].float()
         if self.config.box_loss == "giou":
@@ -461,11 +479,9 @@ class SADForObjectDetection(SADPreTrainedModel):
         else:
             target = encode_boxes(matched_boxes, pos_anchors)
             loss_box = F.smooth_l1_loss(pos_deltas, target, beta=self.config.smooth_l1_beta, reduction="sum")
-        loss_box = loss_box / num_positives
-
-        loss = loss_cls + self.config.box_loss_weight * loss_box
-        loss_dict = {"loss_cls": loss_cls.detach(), "loss_box": loss_box.detach(), "num_positives": num_positives}
-        return loss, loss_dict, assignment
+        if num_positives is None:
+            num_positives = _num_positives(assignment, self.config.sync_num_positives)
+        return loss_box / num_positives
 
     def forward(
         self,
@@ -539,6 +555,11 @@ def _check_labels(labels: list[dict[str, torch.Tensor]], num_labels: int) -> Non
             )
         if not torch.isfinite(boxes).all():
             raise ValueError(f"labels[{i}]: boxes contain NaN or inf coordinates.")
+
+
+def _num_positives(assignment: AnchorAssignment, sync: bool) -> torch.Tensor:
+    """Positive anchors of the batch (averaged over processes when `sync`), at least 1: the losses' divisor."""
+    return _mean_across_processes((assignment.labels == 1).sum().float(), sync).clamp(min=1.0)
 
 
 def _mean_across_processes(value: torch.Tensor, enabled: bool) -> torch.Tensor:

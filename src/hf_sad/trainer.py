@@ -73,8 +73,12 @@ class SADTrainingArguments(TrainingArguments):
             Share of unlabeled images in the training stream (0.5 alternates labeled and unlabeled, as the paper).
             Ignored without an unlabeled dataset.
         pseudo_label_threshold (`float`, *optional*, defaults to 0.5):
-            Teacher score above which a detection becomes a pseudo-box (for `"hard"` and for the ignore mask on
-            unlabeled images).
+            Teacher score above which a detection becomes a pseudo-box (for `"hard"`, and for the box loss and the
+            ignore mask on unlabeled images).
+        pseudo_box_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the box regression loss against the teacher's pseudo-boxes on unlabeled images (ADL, KL and
+            focal distillation; the soft targets train classification only, so without it the unlabeled images
+            teach no localisation). 0 disables it.
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             Dtype of the teacher's weights: `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"` (bfloat16 with
             `--bf16`, float16 with `--fp16`, else float32).
@@ -106,6 +110,9 @@ class SADTrainingArguments(TrainingArguments):
     unlabeled_distill_weight: float = field(default=1.0, metadata={"help": "Weight of distillation on unlabeled data."})
     unlabeled_ratio: float = field(default=0.5, metadata={"help": "Share of unlabeled images in the stream."})
     pseudo_label_threshold: float = field(default=0.5, metadata={"help": "Teacher score threshold of pseudo-boxes."})
+    pseudo_box_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the box loss on teacher pseudo-boxes of unlabeled images."}
+    )
     teacher_dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto."})
     hflip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
     scale_jitter: list[float] = field(default_factory=lambda: [0.8, 1.2], metadata={"help": "Scale jitter range."})
@@ -161,6 +168,8 @@ class SADTrainingArguments(TrainingArguments):
             fail("unlabeled_ratio", "a share in [0, 1)")
         if not 0 < self.pseudo_label_threshold < 1:
             fail("pseudo_label_threshold", "a score strictly between 0 and 1")
+        if not (math.isfinite(self.pseudo_box_weight) and self.pseudo_box_weight >= 0):
+            fail("pseudo_box_weight", "a finite weight >= 0")
         if not 0 <= self.hflip_prob <= 1:
             fail("hflip_prob", "a probability")
         if len(self.scale_jitter) != 2 or not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
@@ -455,10 +464,17 @@ class SADTrainer(Trainer):
             return loss
 
         if unlabeled_idx:
-            assignment = detector.assign_anchors(
-                outputs.anchors, [pseudo[i] for i in unlabeled_idx], outputs.image_sizes[unlabeled_idx]
-            )
+            # As in the paper, the teacher's detections are hard boxes for the box loss and the ignore mask; the
+            # classification of unlabeled images is left to the soft targets.
+            targets, sizes = [pseudo[i] for i in unlabeled_idx], outputs.image_sizes[unlabeled_idx]
+            assignment = detector.assign_anchors(outputs.anchors, targets, sizes)
             assignment_labels[unlabeled_idx] = assignment.labels
+            if args.pseudo_box_weight:
+                loss_box = detector.box_loss(
+                    outputs.box_regression[unlabeled_idx], outputs.anchors, targets, sizes, assignment
+                )
+                loss = loss + args.pseudo_box_weight * loss_box
+                self._record("loss_box_pseudo", loss_box)
         keep = assignment_labels >= 0  # drop anchors in the ignore band of the real or pseudo boxes
         is_labeled = inputs["is_labeled"][:, None]
         for rows, mask, weight, name in (
@@ -521,6 +537,10 @@ class SADTrainer(Trainer):
             settings.update(adl_beta=args.adl_beta, adl_gamma=args.adl_gamma, adl_variant=args.adl_variant)
         if args.distill_loss == "hard":
             settings.update(pseudo_label_threshold=args.pseudo_label_threshold, unlabeled_ratio=args.unlabeled_ratio)
+        elif args.distill_loss != "none":
+            settings.update(
+                pseudo_label_threshold=args.pseudo_label_threshold, pseudo_box_weight=args.pseudo_box_weight
+            )
         return {k: v for k, v in settings.items() if v is not None}
 
     def _record(self, name: str, value: torch.Tensor | float) -> None:

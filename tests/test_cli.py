@@ -86,7 +86,7 @@ def test_push_without_token_is_refused(tmp_path, monkeypatch):
 
 def test_demo_writes_results_student_card_and_picture(tmp_path):
     config = replace(QUICK, image_size=64, num_train=8, num_val=4, teacher_steps=2, student_steps=2, batch_size=2,
-                     teacher_width=8, student_width=8, head_num_convs=1)
+                     teacher_width=16, student_width=8, head_num_convs=1)
     results = run_demo(tmp_path, config=config)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))

@@ -65,6 +65,7 @@ INVESTIGATIONS = [
     Row("sad_w5", "SAD, distillation weights 5", "adl", unlabeled="same",
         settings=(("labeled_distill_weight", 5.0), ("unlabeled_distill_weight", 5.0))),
 ]
+ALL_ROWS = ROWS + INVESTIGATIONS
 
 # synthetic = exactly the demo's settings, so rows teacher / baseline / sad of seed 0 are `hf-sad demo`'s three runs.
 # BCCD images are 640x480 with ~13 cells each: 192x144 keeps platelets (~25 px at 640) at ~7 px, and a shorter
@@ -138,7 +139,7 @@ def summarize(runs: dict[tuple, dict], datasets: list[str]) -> dict[str, dict[st
     table: dict[str, dict[str, tuple[float, float, int, float]]] = {}
     for dataset in datasets:
         table[dataset] = {}
-        for row in ROWS + INVESTIGATIONS:
+        for row in ALL_ROWS:
             found = [r for (d, _, k), r in runs.items() if d == dataset and k == row.key]
             if found:
                 values = [100 * r["map"] for r in found]
@@ -156,7 +157,7 @@ def write_chart(table, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 4.5), squeeze=False)
     for ax, (dataset, rows) in zip(axes[0], table.items()):
-        keys = [r.key for r in ROWS + INVESTIGATIONS if r.key in rows]
+        keys = [r.key for r in ALL_ROWS if r.key in rows]
         means = [rows[k][0] for k in keys]
         stds = [rows[k][1] for k in keys]
         colours = ["#777777" if k in ("teacher", "baseline") else "#1f77b4" for k in keys]
@@ -237,10 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
     work_dir = Path(args.work_dir) / ("quick" if args.quick else "full")
     runs_file = work_dir / "runs.jsonl"
     runs = load_runs(runs_file)
-    unknown = set(args.rows.split(",")) - {r.key for r in ROWS + INVESTIGATIONS}
+    requested = args.rows.split(",")
+    unknown = set(requested) - {r.key for r in ALL_ROWS}
     if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; rows: {[r.key for r in ROWS + INVESTIGATIONS]}")
-    wanted = [r for r in ROWS + INVESTIGATIONS if r.key in args.rows.split(",")]
+        parser.error(f"unknown rows {sorted(unknown)}; rows: {[r.key for r in ALL_ROWS]}")
+    wanted = [r for r in ALL_ROWS if r.key in requested]
     plan = [(d, s, r) for d in datasets for s in range(args.seeds or {"synthetic": 3, "bccd": 2}[d]) for r in wanted]
     done = sum((d, s, r.key) in runs for d, s, r in plan)
     print(f"{len(plan)} runs planned, {done} already done ({runs_file})", flush=True)

@@ -116,8 +116,8 @@ def run_demo(output_dir: str | Path = "sad-demo", quick: bool = False, config: D
         model, processor = create_detector(backbone, id2label, image_size=size, fpn_channels=width,
                                            head_channels=width, head_num_convs=config.head_num_convs,
                                            anchor_scale=config.anchor_scale)
-        # Scale jitter makes 128 px images up to ~154 px; padding those to a multiple of 128 would quadruple the
-        # pixels. The pyramid handles any multiple of 32 (its stride-2 convolutions round up).
+        # The pyramid handles any multiple of 32 (its stride-2 convolutions round up); padding to the processor's
+        # default multiple of 128 would add pixels to any size that is not one (e.g. 160 px is padded to 256).
         processor.pad_size_divisor = 32
         return model, processor
 

@@ -1,4 +1,4 @@
-"""Shared helpers of the tests/test_robust_*.py modules (not a test module): tiny models, arguments, image files.
+"""Shared test helpers (not a test module): tiny models, arguments, image files, worker subprocesses.
 
 Every bad or unusual input is generated here with PIL or by hand; nothing is downloaded.
 """
@@ -6,9 +6,14 @@ Every bad or unusual input is generated here with PIL or by hand; nothing is dow
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+from pathlib import Path
 
 import datasets
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
@@ -17,6 +22,7 @@ from hf_sad import create_detector
 from hf_sad.synthetic import synthetic_id2label
 from hf_sad.trainer import SADTrainingArguments
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = dict(fpn_channels=8, head_channels=8, head_num_convs=1)
 SIZE = {"height": 64, "width": 64}
 
@@ -131,3 +137,20 @@ class StopAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= self.step:
             control.should_training_stop = True
+
+
+def start(command: list[str], env: dict) -> subprocess.Popen:
+    """Start `command` in the repository root, stdout and stderr together, in its own process group."""
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # own process group: killed as a whole on timeout
+
+
+def finish(process: subprocess.Popen, timeout: float) -> str:
+    """The output of a `start`ed process; on timeout its whole process group is killed and the test fails."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{process.args[0]} did not finish in {timeout} s:\n{output[-6000:]}")
+    return output

@@ -13,8 +13,6 @@ import hashlib
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,8 +27,8 @@ from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabe
 
 from .dist_worker import evaluate as evaluate_in_this_process
 from .dist_worker import tensors_hash
+from .robust_utils import finish, start
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 TINY = dict(fpn_channels=8, head_channels=8, head_num_convs=1)
@@ -41,16 +39,8 @@ def torchrun(nproc: int, *args: str, timeout: float = 150) -> str:
     """Run tests/dist_worker.py on `nproc` CPU processes; return its output, fail with its tail on error/timeout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), str(WORKER), *args]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # own process group: on timeout, torchrun and every rank are killed together
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s:\n{output[-6000:]}")
+    process = start(command, env)  # own process group: on timeout, torchrun and every rank are killed together
+    output = finish(process, timeout)
     assert process.returncode == 0, f"torchrun exited with {process.returncode}:\n{output[-6000:]}"
     return output
 

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,9 +31,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_sad.synthetic import make_labeled_dataset
 from hf_sad.trainer import SADTrainer, checkpoint_problems, get_last_complete_checkpoint
 
-from .robust_utils import StopAt, make_args, tiny_detector
+from .robust_utils import StopAt, finish, make_args, start, tiny_detector
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("robust_worker.py")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -256,21 +254,6 @@ def saved_teacher(tmp_path_factory):
     teacher.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-
-def start(command: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # own process group: killed as a whole on timeout
-
-
-def finish(process: subprocess.Popen, timeout: float) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"did not finish in {timeout} s:\n{output[-4000:]}")
-    return output
 
 
 def test_run_killed_with_sigkill_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, saved_teacher):

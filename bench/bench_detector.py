@@ -104,17 +104,25 @@ def bench_train_step(scale: Scale) -> dict:
         sum(losses.values()).backward()
         logits.grad = box_regression.grad = None
 
-    reps = max(scale.repeats, 10)
-    loss_times = interleaved_times({"ours": ours_loss, "reference": reference_loss}, reps, 2)
-    row["breakdown"] = {
-        "what": "anchors + matching + focal/box loss, forward + backward, on fixed head outputs",
-        "repeats": reps,
-        "times": loss_times,
-        **ratio_row(loss_times, "ours", "reference"),
-        "share_of_step_ours": loss_times["ours"]["time_s"] / times["ours"]["time_s"],
-        "share_of_step_reference": loss_times["reference"]["time_s"] / times["reference"]["time_s"],
-    }
+    row["breakdown"] = _breakdown(
+        "anchors + matching + focal/box loss, forward + backward, on fixed head outputs", "step",
+        ours_loss, reference_loss, times, scale,
+    )
     return row
+
+
+def _breakdown(what: str, whole: str, ours, reference, whole_times: dict, scale: Scale) -> dict:
+    """Time one part of both sides (`ours`, `reference`) and its share of the `whole_times` measured before."""
+    reps = max(scale.repeats, 10)
+    times = interleaved_times({"ours": ours, "reference": reference}, reps, 2)
+    return {
+        "what": what,
+        "repeats": reps,
+        "times": times,
+        **ratio_row(times, "ours", "reference"),
+        **{f"share_of_{whole}_{side}": times[side]["time_s"] / whole_times[side]["time_s"]
+           for side in ("ours", "reference")},
+    }
 
 
 def bench_inference(scale: Scale) -> dict:
@@ -163,14 +171,8 @@ def bench_inference(scale: Scale) -> dict:
         detections = ref.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
         return ref.transform.postprocess(detections, image_list.image_sizes, target_sizes)
 
-    reps = max(scale.repeats, 10)
-    post_times = interleaved_times({"ours": ours_post, "reference": reference_post}, reps, 2)
-    row["breakdown"] = {
-        "what": "post-processing alone (scores, top-k, decode, NMS, rescale) on fixed outputs",
-        "repeats": reps,
-        "times": post_times,
-        **ratio_row(post_times, "ours", "reference"),
-        "share_of_inference_ours": post_times["ours"]["time_s"] / times["ours"]["time_s"],
-        "share_of_inference_reference": post_times["reference"]["time_s"] / times["reference"]["time_s"],
-    }
+    row["breakdown"] = _breakdown(
+        "post-processing alone (scores, top-k, decode, NMS, rescale) on fixed outputs", "inference",
+        ours_post, reference_post, times, scale,
+    )
     return row

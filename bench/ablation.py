@@ -66,6 +66,8 @@ INVESTIGATIONS = [
         settings=(("labeled_distill_weight", 5.0), ("unlabeled_distill_weight", 5.0))),
 ]
 ALL_ROWS = ROWS + INVESTIGATIONS
+# The row whose saved model a distillation row uses as its teacher (`Row.teacher`).
+TEACHER_ROWS = {"large": ROWS[0], "same": ROWS[1]}
 
 # synthetic = exactly the demo's settings, so rows teacher / baseline / sad of seed 0 are `hf-sad demo`'s three runs.
 # BCCD images are 640x480 with ~13 cells each: 192x144 keeps platelets (~25 px at 640) at ~7 px, and a shorter
@@ -112,7 +114,7 @@ def run_row(row: Row, dataset: str, seed: int, config: DemoConfig, work: Path) -
     processor.pad_size_divisor = 32  # the pyramid handles any multiple of 32; padding to 128 would waste compute
     teacher = None
     if row.distill_loss != "none":
-        teacher = str(work / ("teacher" if row.teacher == "large" else "baseline"))
+        teacher = str(work / TEACHER_ROWS[row.teacher].key)
     steps = config.teacher_steps if teacher_model else config.student_steps
     stream = {"same": unlabeled, "shifted": shifted}.get(row.unlabeled)
     batch = 2 * config.batch_size if stream is not None else config.batch_size
@@ -122,7 +124,7 @@ def run_row(row: Row, dataset: str, seed: int, config: DemoConfig, work: Path) -
     )
     trainer, metrics, seconds = train_and_evaluate(f"{dataset}/{seed}/{row.key}", model, processor, args, train, val,
                                                    teacher=teacher, unlabeled=stream)
-    if row.key in ("teacher", "baseline"):
+    if row in TEACHER_ROWS.values():
         trainer.save_model(str(work / row.key))
     return {"map": metrics["map"], "map_50": metrics["map_50"], "seconds": round(seconds, 1)}
 
@@ -247,16 +249,27 @@ def main(argv: list[str] | None = None) -> dict:
     done = sum((d, s, r.key) in runs for d, s, r in plan)
     print(f"{len(plan)} runs planned, {done} already done ({runs_file})", flush=True)
     start = time.perf_counter()
-    for i, (dataset, seed, row) in enumerate(plan, 1):
-        if (dataset, seed, row.key) in runs:
-            continue
-        print(f"[{i}/{len(plan)}] {dataset} seed {seed}: {row.label} ({time.perf_counter() - start:.0f} s)", flush=True)
-        result = run_row(row, dataset, seed, settings[dataset], work_dir / f"{dataset}-{seed}")
+
+    def run_and_record(row: Row, dataset: str, seed: int, work: Path) -> None:
+        result = run_row(row, dataset, seed, settings[dataset], work)
         record = {"dataset": dataset, "seed": seed, "row": row.key, **result}
         runs[(dataset, seed, row.key)] = record
         runs_file.parent.mkdir(parents=True, exist_ok=True)
         with runs_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    for i, (dataset, seed, row) in enumerate(plan, 1):
+        if (dataset, seed, row.key) in runs:
+            continue
+        work = work_dir / f"{dataset}-{seed}"
+        print(f"[{i}/{len(plan)}] {dataset} seed {seed}: {row.label} ({time.perf_counter() - start:.0f} s)", flush=True)
+        # A distillation row needs its teacher's checkpoint, which a finished grid may no longer have on disk
+        # (a follow-up row run later, elsewhere): train that teacher again; its new record replaces the old one.
+        needed = TEACHER_ROWS[row.teacher] if row.distill_loss != "none" else None
+        if needed is not None and not (work / needed.key).is_dir():
+            print(f"  {dataset} seed {seed}: no {needed.key} checkpoint in {work}; training it first", flush=True)
+            run_and_record(needed, dataset, seed, work)
+        run_and_record(row, dataset, seed, work)
     table = summarize(runs, datasets)
     docs = Path(args.docs_dir or (work_dir if args.quick else ROOT / "docs"))
     docs.mkdir(parents=True, exist_ok=True)

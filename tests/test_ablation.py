@@ -76,3 +76,25 @@ def test_finished_runs_are_not_repeated(ablation, tmp_path, monkeypatch):
                            "--docs_dir", str(tmp_path / "docs")])
     assert set(table["synthetic"]) == {row.key for row in ablation.ROWS}
     assert (tmp_path / "docs" / "results.md").exists()
+
+
+def test_missing_teacher_checkpoint_is_trained_again_first(ablation, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    _write_runs(work / "quick" / "runs.jsonl", {row.key: [0.01] for row in ablation.ROWS})
+    calls = []
+
+    def fake_run_row(row, dataset, seed, config, row_work):
+        calls.append(row.key)
+        if row.key == "teacher":
+            (row_work / "teacher").mkdir(parents=True)
+        return {"map": 0.02, "map_50": 0.04, "seconds": 1.0}
+
+    monkeypatch.setattr(ablation, "run_row", fake_run_row)
+    monkeypatch.setattr(ablation, "write_chart", lambda table, path: path.write_bytes(b""))
+    args = ["--quick", "--datasets", "synthetic", "--seeds", "1", "--work_dir", str(work), "--docs_dir",
+            str(tmp_path / "docs")]
+    table = ablation.main(args + ["--rows", "adl_w5,sad_w5"])
+    assert calls == ["teacher", "adl_w5", "sad_w5"]  # the teacher once, before the first row that needs it
+    assert table["synthetic"]["teacher"][0] == 2.0  # its new record replaces the old one
+    recorded = ablation.load_runs(work / "quick" / "runs.jsonl")
+    assert {key for (_, _, key) in recorded} >= {"teacher", "adl_w5", "sad_w5"}

@@ -1,6 +1,7 @@
 """The detector as a transformers model: shapes, losses, training, save/load in both routes, pipeline, backbones."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -245,6 +246,19 @@ def test_pipeline_returns_named_detections(tiny_detector, tmp_path):
         assert r["label"] in LABELS.values()
         box = r["box"]
         assert 0 <= box["xmin"] <= box["xmax"] <= 160 and 0 <= box["ymin"] <= box["ymax"] <= 160
+
+
+def test_pipeline_loads_without_prompt_or_error_log(tiny_detector, tmp_path):
+    # transformers' pipeline checks a static table of class names and looks for a video processor, which it would
+    # derive from the image processor's auto_map as remote code: a "not supported" error and a custom-code prompt.
+    model, processor = tiny_detector
+    _save(model, processor, tmp_path)
+    script = f"import hf_sad; from transformers import pipeline; pipeline('object-detection', model=r'{tmp_path}')"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "custom code" not in output and "not supported" not in output, output[-3000:]
 
 
 @pytest.mark.parametrize(

@@ -329,8 +329,9 @@ def _reference_select(scores, boxes, score_threshold, nms_iou_threshold, pre_nms
     return results
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_select_detections_matches_per_image_reference(seed):
+@pytest.mark.parametrize("seed,pre_nms_top_k", [(0, 100), (1, 100), (2, 100), (0, 25), (1, 7)])
+def test_select_detections_matches_per_image_reference(seed, pre_nms_top_k):
+    # pre_nms_top_k below the 60 anchors takes the path that first keeps the k anchors with the best class score.
     generator = torch.Generator().manual_seed(seed)
     batch_size, num_anchors, num_classes = 3, 60, 4
     scores = torch.rand(batch_size, num_anchors, num_classes, generator=generator)
@@ -338,7 +339,7 @@ def test_select_detections_matches_per_image_reference(seed):
     top_left = torch.rand(batch_size, num_anchors, 2, generator=generator) * 80
     sizes = torch.rand(batch_size, num_anchors, 2, generator=generator) * 40 + 1
     boxes = torch.cat([top_left, top_left + sizes], dim=-1)
-    settings = {"score_threshold": 0.2, "nms_iou_threshold": 0.4, "pre_nms_top_k": 100, "max_detections": 15}
+    settings = {"score_threshold": 0.2, "nms_iou_threshold": 0.4, "pre_nms_top_k": pre_nms_top_k, "max_detections": 15}
 
     results = select_detections(scores, boxes, **settings)
     expected = _reference_select(scores, boxes, **settings)

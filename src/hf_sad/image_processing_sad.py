@@ -551,8 +551,8 @@ def select_detections(
     """
     Select detections from dense per-anchor, per-class scores, for a whole batch at once.
 
-    Per image, the `pre_nms_top_k` highest (anchor, class) scores are taken (one `torch.topk` over the flattened
-    `num_anchors * num_classes` scores, batched over images), those above `score_threshold` are kept, then one
+    Per image, the `pre_nms_top_k` highest (anchor, class) scores are taken (a `torch.topk` over anchors by their best
+    class, then one over the flattened scores of those anchors, batched over images), those above `score_threshold` are kept, then one
     `torchvision.ops.batched_nms` runs over the whole batch with group `image_index * num_classes + label`, so that
     neither different images nor different classes suppress each other. Finally the `max_detections` highest-scoring
     survivors of each image are kept. As in torchvision's RetinaNet an anchor may yield several detections, one per
@@ -582,6 +582,13 @@ def select_detections(
             f"{tuple(scores.shape)} and {tuple(boxes.shape)}."
         )
     batch_size, num_anchors, num_classes = scores.shape
+    if pre_nms_top_k is not None and pre_nms_top_k < num_anchors:
+        # The k best (anchor, class) scores lie on the k anchors with the best top-class scores, so a top-k over
+        # anchors shrinks the top-k below from N * C to k * C scores (at 512 px with 80 classes, 3.9M to 80k).
+        _, best_anchors = scores.amax(dim=2).topk(pre_nms_top_k, dim=1)
+        scores = scores.gather(1, best_anchors.unsqueeze(-1).expand(-1, -1, num_classes))
+        boxes = boxes.gather(1, best_anchors.unsqueeze(-1).expand(-1, -1, 4))
+        num_anchors = pre_nms_top_k
     num_candidates = num_anchors * num_classes
     if pre_nms_top_k is not None:
         num_candidates = min(pre_nms_top_k, num_candidates)

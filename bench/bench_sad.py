@@ -71,7 +71,10 @@ def make_sources(scale: Scale, workdir: str | Path, num_labeled: int = 48, num_u
     return labeled, unlabeled
 
 
-def make_trainer(scale: Scale, student, teacher, processor, labeled, unlabeled, workdir, workers: int = 0):
+def make_trainer(scale: Scale, student, teacher, processor, labeled, unlabeled, workdir, workers: int = 0,
+                 device: str = "cpu", bf16: bool = False):
+    """A `SADTrainer` for timing steps; on a non-CPU `device` it places both models there (teacher in bf16 with
+    `bf16`)."""
     from hf_sad.trainer import SADTrainer, SADTrainingArguments
 
     args = SADTrainingArguments(
@@ -80,7 +83,8 @@ def make_trainer(scale: Scale, student, teacher, processor, labeled, unlabeled, 
         max_steps=1000,
         learning_rate=LR,
         report_to="none",
-        use_cpu=True,
+        use_cpu=device == "cpu",
+        bf16=bf16,
         seed=0,
         dataloader_num_workers=workers,
         disable_tqdm=True,

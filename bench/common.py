@@ -70,6 +70,18 @@ def id2label_for(scale: Scale) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def quiet() -> None:
+    """No warnings, progress bars or info logs from datasets/transformers in a benchmark's output."""
+    import warnings
+
+    import datasets
+
+    warnings.filterwarnings("ignore")
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+
+
 def environment() -> dict:
     cpu = platform.processor() or ""
     try:

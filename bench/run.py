@@ -78,18 +78,6 @@ B6_BATCHES = {"demo": 30, "realistic": 15}
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _quiet() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-
-
 def _emit(payload: dict) -> None:
     print("@@RESULT " + json.dumps(payload, default=_json_default), flush=True)
 
@@ -106,9 +94,9 @@ def _json_default(value):
 def _worker_timing(args: argparse.Namespace) -> None:
     """B1, B3, B2, B6, B5 for one scale, in this order (B6 needs B2's consumption)."""
     import torch
-    from common import SCALES, environment
+    from common import SCALES, environment, quiet
 
-    _quiet()
+    quiet()
     scale = SCALES[args.scale]
     wanted = args.ids.split(",")
     _emit({"id": "env", "environment": environment()})
@@ -190,9 +178,9 @@ def _worker_timing(args: argparse.Namespace) -> None:
 
 
 def _worker_memory(args: argparse.Namespace) -> None:
-    from common import SCALES
+    from common import SCALES, quiet
 
-    _quiet()
+    quiet()
     import bench_sad
 
     try:

@@ -552,11 +552,11 @@ def select_detections(
     Select detections from dense per-anchor, per-class scores, for a whole batch at once.
 
     Per image, the `pre_nms_top_k` highest (anchor, class) scores are taken (a `torch.topk` over anchors by their best
-    class, then one over the flattened scores of those anchors, batched over images), those above `score_threshold` are kept, then one
-    `torchvision.ops.batched_nms` runs over the whole batch with group `image_index * num_classes + label`, so that
-    neither different images nor different classes suppress each other. Finally the `max_detections` highest-scoring
-    survivors of each image are kept. As in torchvision's RetinaNet an anchor may yield several detections, one per
-    class whose score qualifies.
+    class, then one over the flattened scores of those anchors, batched over images), those above `score_threshold`
+    are kept, then one `torchvision.ops.batched_nms` runs over the whole batch with group
+    `image_index * num_classes + label`, so that neither different images nor different classes suppress each other.
+    Finally the `max_detections` highest-scoring survivors of each image are kept. As in torchvision's RetinaNet an
+    anchor may yield several detections, one per class whose score qualifies.
 
     Args:
         scores (`torch.Tensor` of shape `(batch_size, num_anchors, num_classes)`):

@@ -210,15 +210,12 @@ class _ReplayedStudent(torch.nn.Module):
         self.student = student
         self.outputs = outputs
 
-    @property
-    def config(self):
-        return self.student.config
-
-    def detection_loss(self, *args, **kwargs):
-        return self.student.detection_loss(*args, **kwargs)
-
-    def assign_anchors(self, *args, **kwargs):
-        return self.student.assign_anchors(*args, **kwargs)
+    def __getattr__(self, name: str):
+        # Everything but forward (config, detection_loss, box_loss, ...) is the student's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.student, name)
 
     def forward(self, **_):
         out = self.outputs

@@ -1,6 +1,8 @@
-"""bench/bench_gpu.py at its toy size on the CPU: the GPU benchmark's code path, so it works when a GPU is lent."""
+"""Benchmark code paths at toy sizes on the CPU, so that they keep working: bench/bench_gpu.py (run where a GPU is
+lent) and B2's SAD step with its breakdown (bench/bench_sad.py), whose replayed student must offer what
+`SADTrainer.compute_loss` calls."""
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -12,13 +14,29 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
-def bench_gpu():
+def bench_path():
     sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
+    yield
     sys.path.remove(str(BENCH))
+
+
+def _load(name: str):
+    return importlib.import_module(name)  # bench/ is on sys.path (bench_path)
+
+
+@pytest.fixture(scope="module")
+def bench_gpu(bench_path):
+    return _load("bench_gpu")
+
+
+def test_sad_step_benchmark_and_its_breakdown(bench_path, tmp_path):
+    common, bench_sad = _load("common"), _load("bench_sad")
+    scale = common.Scale("toy", "resnet18", 16, 1, 64, 2, 6, "resnet18", 16, repeats=2, warmup=0)
+    row = bench_sad.bench_sad_step(scale, tmp_path)
+    assert row["ratio"] > 0 and row["times"]["ours"]["time_s"] > 0
+    assert row["breakdown"]["times"]["time_s"] > 0  # compute_loss with the replayed student and teacher
+    assert row["sizes"]["labeled_in_batch"] == 1
+    assert "loss_distill_unlabeled" in row["step_metrics"]
 
 
 def test_quick_run_reports_three_steps(bench_gpu, tmp_path):

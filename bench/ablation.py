@@ -270,11 +270,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {dataset} seed {seed}: no {needed.key} checkpoint in {work}; training it first", flush=True)
             run_and_record(needed, dataset, seed, work)
         run_and_record(row, dataset, seed, work)
-    table = summarize(runs, datasets)
+    # The report covers every dataset with recorded runs, not only this invocation's: a follow-up run on one
+    # dataset must not drop the others from docs/results.md.
+    reported = [d for d in SETTINGS if d in datasets or any(key[0] == d for key in runs)]
+    table = summarize(runs, reported)
     docs = Path(args.docs_dir or (work_dir if args.quick else ROOT / "docs"))
     docs.mkdir(parents=True, exist_ok=True)
     command = "python bench/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(table, settings, command.strip(), docs / "results.md")
+    write_report(table, {d: (QUICK if args.quick else SETTINGS)[d] for d in reported}, command.strip(),
+                 docs / "results.md")
     write_chart(table, docs / "ablation.png")
     print((docs / "results.md").read_text())
     return table

@@ -98,3 +98,18 @@ def test_missing_teacher_checkpoint_is_trained_again_first(ablation, tmp_path, m
     assert table["synthetic"]["teacher"][0] == 2.0  # its new record replaces the old one
     recorded = ablation.load_runs(work / "quick" / "runs.jsonl")
     assert {key for (_, _, key) in recorded} >= {"teacher", "adl_w5", "sad_w5"}
+
+
+def test_report_keeps_datasets_not_run_this_time(ablation, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    runs_file = work / "quick" / "runs.jsonl"
+    _write_runs(runs_file, {"baseline": [0.10]})
+    with runs_file.open("a") as f:
+        f.write(json.dumps({"dataset": "bccd", "seed": 0, "row": "baseline", "map": 0.3, "map_50": 0.6,
+                            "seconds": 5.0}) + "\n")
+    monkeypatch.setattr(ablation, "run_row", lambda *args: pytest.fail("a recorded run was trained again"))
+    monkeypatch.setattr(ablation, "write_chart", lambda table, path: path.write_bytes(b""))
+    table = ablation.main(["--quick", "--datasets", "synthetic", "--seeds", "1", "--rows", "baseline",
+                           "--work_dir", str(work), "--docs_dir", str(tmp_path / "docs")])
+    assert set(table) == {"synthetic", "bccd"}
+    assert "| row | synthetic | bccd |" in (tmp_path / "docs" / "results.md").read_text()

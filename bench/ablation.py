@@ -175,8 +175,9 @@ def write_report(table, settings: dict, command: str, path: Path) -> None:
     lines = [
         "# SAD in miniature: ablation results",
         "",
-        f"Produced by `{command}` (see `bench/ablation.py`). COCO mAP (%) on each dataset's validation split, mean ± "
-        "std over seeds (n), and the mean training time of a run. Everything ran on a 2-core CPU.",
+        "Produced by `bench/ablation.py` from every run recorded in its `runs.jsonl` (last command: "
+        f"`{command}`). COCO mAP (%) on each dataset's validation split, mean ± std over seeds (n), and the mean "
+        "training time of a run. Everything ran on a 2-core CPU.",
         "",
         "| row | " + " | ".join(table) + " |",
         "|---|" + "---|" * len(table),
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data and a few steps per row")
     parser.add_argument("--datasets", default="synthetic,bccd", help="comma-separated: synthetic, bccd")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per dataset (default: synthetic 3, bccd 2)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per dataset (default: synthetic 3, bccd 2; 0 only rewrites the report)")
     parser.add_argument("--rows", default=",".join(r.key for r in ROWS),
                         help="comma-separated row keys (default: the grid; follow-ups: "
                         + ", ".join(r.key for r in INVESTIGATIONS) + ")")
@@ -245,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; rows: {[r.key for r in ALL_ROWS]}")
     wanted = [r for r in ALL_ROWS if r.key in requested]
-    plan = [(d, s, r) for d in datasets for s in range(args.seeds or {"synthetic": 3, "bccd": 2}[d]) for r in wanted]
+    seeds = {d: {"synthetic": 3, "bccd": 2}[d] if args.seeds is None else args.seeds for d in datasets}
+    plan = [(d, s, r) for d in datasets for s in range(seeds[d]) for r in wanted]
     done = sum((d, s, r.key) in runs for d, s, r in plan)
     print(f"{len(plan)} runs planned, {done} already done ({runs_file})", flush=True)
     start = time.perf_counter()

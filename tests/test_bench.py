@@ -7,17 +7,26 @@ import json
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+import transformers
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def bench_path():
+    # The benchmarks silence transformers and datasets process-wide (`common.quiet`); later tests must not inherit
+    # that (an error-level transformers logger turns the Trainer's progress bars into printed log dicts).
+    verbosity = transformers.logging.get_verbosity()
+    bars_disabled = datasets.utils.are_progress_bars_disabled()
     sys.path.insert(0, str(BENCH))
     yield
     sys.path.remove(str(BENCH))
+    transformers.logging.set_verbosity(verbosity)
+    if not bars_disabled:
+        datasets.enable_progress_bars()
 
 
 def _load(name: str):

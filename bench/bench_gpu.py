@@ -33,14 +33,12 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
-from bench_sad import make_sources, make_trainer, prepared_batch  # noqa: E402
+from bench_sad import setup_sad  # noqa: E402
 from common import (  # noqa: E402
     COCO_NUM_CLASSES,
     Scale,
     build_reference,
     build_student,
-    build_teacher,
-    calibrate_scores,
     environment,
     interleaved_times,
     quiet,
@@ -48,7 +46,6 @@ from common import (  # noqa: E402
 )
 
 LR = 0.01
-PSEUDO_PER_IMAGE = 100  # teacher entries per image above the 0.5 pseudo-label threshold, as in B2
 GPU_SCALE = Scale("gpu", "resnet50", 256, 4, 640, 8, COCO_NUM_CLASSES, "resnet101", 256, repeats=10, warmup=3)
 QUICK_SCALE = Scale("quick", "resnet18", 32, 1, 128, 2, 6, "resnet18", 32, repeats=1, warmup=0)
 
@@ -106,16 +103,8 @@ def bench(scale: Scale, device: torch.device, workdir: str) -> dict:
     images = list(pixel_values)
     targets = [{k: v.to(device) for k, v in target.items()} for target in targets]
 
-    sad_student, _ = build_student(scale)
-    labeled, unlabeled = make_sources(scale, workdir)
-    trainer = make_trainer(scale, sad_student, build_teacher(scale), processor, labeled, unlabeled, workdir,
-                           device=device.type, bf16=True)
-    batch = prepared_batch(scale, trainer, labeled, unlabeled)
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    batch["labels"] = [{k: v.to(device) for k, v in label.items()} for label in batch["labels"]]
-    above = calibrate_scores(trainer.teacher, batch["pixel_values"].to(torch.bfloat16), 0.5, PSEUDO_PER_IMAGE)
+    sad_student, trainer, batch, above = setup_sad(scale, workdir, device=device.type, bf16=True)
     student.to(device).train()
-    sad_student.to(device).train()
 
     def sad_loss():
         trainer._metrics.clear()

@@ -106,14 +106,18 @@ def prepared_batch(scale: Scale, trainer, labeled, unlabeled) -> dict:
     return collator(rows)
 
 
-def _setup(scale: Scale, workdir, workers: int = 0):
+def setup_sad(scale: Scale, workdir, workers: int = 0, device: str = "cpu", bf16: bool = False):
+    """(student, trainer, prepared batch on `device`, teacher's fraction of scores above 0.5) for timing SAD steps."""
     student, processor = build_student(scale)
     teacher = build_teacher(scale)
     labeled, unlabeled = make_sources(scale, workdir)
-    trainer = make_trainer(scale, student, teacher, processor, labeled, unlabeled, workdir, workers)
+    trainer = make_trainer(scale, student, teacher, processor, labeled, unlabeled, workdir, workers, device, bf16)
     batch = prepared_batch(scale, trainer, labeled, unlabeled)
-    above = calibrate_scores(trainer.teacher, batch["pixel_values"], threshold=0.5, per_image=PSEUDO_PER_IMAGE)
-    student.train()
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch["labels"] = [{k: v.to(device) for k, v in label.items()} for label in batch["labels"]]
+    pixel_values = batch["pixel_values"].to(next(trainer.teacher.parameters()).dtype)
+    above = calibrate_scores(trainer.teacher, pixel_values, threshold=0.5, per_image=PSEUDO_PER_IMAGE)
+    student.to(device).train()
     return student, trainer, batch, above
 
 
@@ -146,7 +150,7 @@ def _supervised_step_fn(student, batch, optimizer):
 def bench_sad_step(scale: Scale, workdir) -> dict:
     """B2: SADTrainer.compute_loss + backward + SGD step vs the same networks' compute on the same tensors (student
     forward + backward of fixed random output gradients, teacher forward under no_grad, the same SGD step)."""
-    student, trainer, batch, above = _setup(scale, workdir)
+    student, trainer, batch, above = setup_sad(scale, workdir)
     teacher = trainer.teacher
     optimizer = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9)
     pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_mask"]
@@ -321,7 +325,7 @@ def memory_case(scale: Scale, workdir, case: str, steps: int = 1) -> dict:
     torch.zeros(1).add_(1)  # initialise torch's thread pool before the baseline
     release_free_memory()
     base = rss_bytes()
-    student, trainer, batch, _ = _setup(scale, workdir)
+    student, trainer, batch, _ = setup_sad(scale, workdir)
     optimizer = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9)
     for p in student.parameters():  # a zero step creates the momentum buffers, as a first step would
         p.grad = torch.zeros_like(p)

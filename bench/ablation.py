@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "the work dir with --quick)")
     args = parser.parse_args(argv)
     datasets = args.datasets.split(",")
-    settings = {d: (QUICK if args.quick else SETTINGS)[d] for d in datasets}
+    configs = QUICK if args.quick else SETTINGS
+    settings = {d: configs[d] for d in datasets}
     work_dir = Path(args.work_dir) / ("quick" if args.quick else "full")
     runs_file = work_dir / "runs.jsonl"
     runs = load_runs(runs_file)
@@ -280,8 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     docs = Path(args.docs_dir or (work_dir if args.quick else ROOT / "docs"))
     docs.mkdir(parents=True, exist_ok=True)
     command = "python bench/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(table, {d: (QUICK if args.quick else SETTINGS)[d] for d in reported}, command.strip(),
-                 docs / "results.md")
+    write_report(table, {d: configs[d] for d in reported}, command.strip(), docs / "results.md")
     write_chart(table, docs / "ablation.png")
     print((docs / "results.md").read_text())
     return table

@@ -195,8 +195,8 @@ def bench_sad_step(scale: Scale, workdir) -> dict:
         "overhead_cpu_s": times["ours"]["cpu_time_s"] - times["reference"]["cpu_time_s"],
         "consumption_images_per_s": scale.batch_size / times["ours"]["time_s"],
         "breakdown": {
-            "what": "SADTrainer.compute_loss + backward with the student and teacher forwards replayed from cache: "
-                    "supervised loss, pseudo-labels, anchor matching, ADL, and their backward to the outputs",
+            "what": "hf_sad.distillation.sad_loss + backward on cached student and teacher outputs: supervised "
+                    "loss, pseudo-labels, anchor matching, ADL, and their backward to the outputs",
             "repeats": max(8, scale.repeats),
             "times": alone,
             "share_of_pure_compute": alone["cpu_time_s"] / times["reference"]["cpu_time_s"],
@@ -206,59 +206,32 @@ def bench_sad_step(scale: Scale, workdir) -> dict:
     return row
 
 
-class _ReplayedStudent(torch.nn.Module):
-    """Stands in for the student in `compute_loss`: returns cached outputs with fresh leaf logits/box deltas."""
-
-    def __init__(self, student, outputs):
-        super().__init__()
-        self.student = student
-        self.outputs = outputs
-
-    def __getattr__(self, name: str):
-        # Everything but forward (config, detection_loss, box_loss, ...) is the student's.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.student, name)
-
-    def forward(self, **_):
-        out = self.outputs
-        return type(out)(
-            logits=out.logits.detach().requires_grad_(),
-            pred_boxes=out.pred_boxes,
-            box_regression=out.box_regression.detach().requires_grad_(),
-            anchors=out.anchors,
-            spatial_shapes=out.spatial_shapes,
-            image_sizes=out.image_sizes,
-        )
-
-
-class _ReplayedTeacher(torch.nn.Module):
-    def __init__(self, outputs):
-        super().__init__()
-        self.dtype_probe = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
-        self.outputs = outputs
-
-    def forward(self, **_):
-        return self.outputs
-
-
 def _sad_specific_times(student, trainer, batch, repeats: int) -> dict:
-    """CPU/wall time of `compute_loss` + backward minus the two networks (their forwards replayed from a cache)."""
-    teacher = trainer.teacher
+    """CPU/wall time of `hf_sad.distillation.sad_loss` + its backward to the outputs, on the student's and the
+    teacher's outputs computed once (what the SAD step adds to the two networks)."""
+    from hf_sad.distillation import sad_loss
+
     with torch.no_grad():
         student_out = student(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-        teacher_out = teacher(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-    replay = _ReplayedStudent(student, student_out).train()
-    trainer.teacher = _ReplayedTeacher(teacher_out)
-    try:
-        def step():
-            trainer._metrics.clear()
-            trainer.compute_loss(replay, batch).backward()
+        teacher_out = trainer.teacher(
+            pixel_values=batch["pixel_values"].to(next(trainer.teacher.parameters()).dtype),
+            pixel_mask=batch["pixel_mask"],
+        )
 
-        return interleaved_times({"alone": step}, repeats, 2)["alone"]
-    finally:
-        trainer.teacher = teacher
+    def step():
+        outputs = type(student_out)(
+            logits=student_out.logits.detach().requires_grad_(),
+            pred_boxes=student_out.pred_boxes,
+            box_regression=student_out.box_regression.detach().requires_grad_(),
+            anchors=student_out.anchors,
+            spatial_shapes=student_out.spatial_shapes,
+            image_sizes=student_out.image_sizes,
+        )
+        result = sad_loss(student.config, outputs, teacher_out, batch["labels"], batch["is_labeled"], trainer.args,
+                          trainer.processing_class)
+        result.loss.backward()
+
+    return interleaved_times({"alone": step}, repeats, 2)["alone"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Benchmark code paths at toy sizes on the CPU, so that they keep working: bench/bench_gpu.py (run where a GPU is
-lent) and B2's SAD step with its breakdown (bench/bench_sad.py), whose replayed student must offer what
-`SADTrainer.compute_loss` calls."""
+lent) and B2's SAD step with its breakdown (bench/bench_sad.py), which calls `hf_sad.distillation.sad_loss` on cached
+network outputs."""
 
 import importlib
 import json
@@ -43,7 +43,7 @@ def test_sad_step_benchmark_and_its_breakdown(bench_path, tmp_path):
     scale = common.Scale("toy", "resnet18", 16, 1, 64, 2, 6, "resnet18", 16, repeats=2, warmup=0)
     row = bench_sad.bench_sad_step(scale, tmp_path)
     assert row["ratio"] > 0 and row["times"]["ours"]["time_s"] > 0
-    assert row["breakdown"]["times"]["time_s"] > 0  # compute_loss with the replayed student and teacher
+    assert row["breakdown"]["times"]["time_s"] > 0  # sad_loss on cached student and teacher outputs
     assert row["sizes"]["labeled_in_batch"] == 1
     assert "loss_distill_unlabeled" in row["step_metrics"]
 

@@ -53,17 +53,22 @@ def test_train_distill_predict(tmp_path):
     detections = json.loads((tmp_path / "pred" / "detections.json").read_text())
     assert len(detections) == 3 and all(len(d) > 0 for d in detections.values())
     assert {d["label"] for found in detections.values() for d in found} <= set(SYNTHETIC_LABELS)
-    assert len(list((tmp_path / "pred").glob("*_detections.png"))) == 3
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == ["scene0.png", "scene1.png", "scene2.png"]
 
 
-def test_evaluate_prints_coco_metrics(tmp_path, capsys):
+def test_evaluate_prints_tables_and_writes_json(tmp_path, capsys):
     model_dir = tmp_path / "model"
     main(["train", "--student", "resnet18", "--train_data", "synthetic:4", "--output_dir", str(model_dir),
           *TINY_MODEL, *TINY_RUN])
     capsys.readouterr()
-    main(["evaluate", "--model", str(model_dir), "--data", "synthetic-val:3", "--synthetic_image_size", "64"])
+    output_file = tmp_path / "metrics.json"
+    main(["evaluate", "--model", str(model_dir), "--data", "synthetic-val:3", "--synthetic_image_size", "64",
+          "--output_file", str(output_file)])
     out = capsys.readouterr().out
-    metrics = json.loads(out[out.index("{"):])
+    assert "mAP" in out and "mAP@50" in out and "class" in out
+    for name in SYNTHETIC_LABELS:  # one row per class
+        assert any(line.startswith(name) for line in out.splitlines()), name
+    metrics = json.loads(output_file.read_text())
     for key in ("map", "map_50", "map_75", "map_small", "map_circle", "loss"):
         assert key in metrics, key
 

@@ -107,12 +107,14 @@ def test_card_body():
     assert "| **sad-resnet18-cells** (student, SAD) | 35.1 | 60.2 | 33.3 |" in body
     assert "| teacher (resnet50) | 38.1 | 65.0 | - |" in body
     assert "| supervised baseline (same student, no distillation) | 31.0 | - | - |" in body
-    # usage, both loading routes
-    assert 'AutoModelForObjectDetection.from_pretrained("someone/sad-resnet18-cells")' in body
-    assert 'AutoImageProcessor.from_pretrained("someone/sad-resnet18-cells")' in body
+    # usage, both loading routes, with the real repo id; no install from a package index hf-sad is not on
+    assert 'AutoModelForObjectDetection.from_pretrained("someone/sad-resnet18-cells", trust_remote_code=True)' in body
+    assert 'AutoImageProcessor.from_pretrained("someone/sad-resnet18-cells", trust_remote_code=True)' in body
     assert "post_process_object_detection(" in body
-    assert 'pipeline("object-detection", model="someone/sad-resnet18-cells"' in body
-    assert "pip install hf-sad" in body and "import hf_sad" in body and "trust_remote_code=True" in body
+    assert 'pipeline("object-detection", model="someone/sad-resnet18-cells", trust_remote_code=True)' in body
+    assert "import hf_sad" in body and "pip install" not in body and "pypi" not in body.lower()
+    # intended use, limitations; license placeholder when none is given
+    assert "## Intended use and limitations" in body and "**License:** not specified" in body
     # picture and citation
     assert "![detections](detections.png)" in body
     for piece in ["Learning Efficient Detector with Semi-supervised Adaptive Distillation", "1901.00366", "BMVC",
@@ -141,7 +143,7 @@ def test_card_local_teacher_shows_no_local_paths(tmp_path):
     assert "# student-r18" in text and "| output_dir | out |" in text
     assert "![detections](detections.png)" in text
     assert "hub_token" not in text and "hf_not_a_real_one" not in text
-    assert 'from_pretrained("your-username/student-r18")' in text
+    assert 'from_pretrained("your-username/student-r18", trust_remote_code=True)' in text
 
 
 def test_card_without_results_or_picture():

@@ -1,11 +1,13 @@
 """The detector as a transformers model: shapes, losses, training, save/load in both routes, pipeline, backbones."""
 
+import ast
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +17,15 @@ from safetensors.torch import save_file
 from torchvision.ops import box_convert, box_iou, sigmoid_focal_loss
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
 
+import hf_sad
 from hf_sad import SADConfig, SADForObjectDetection, create_detector
-from hf_sad.modeling_sad import encode_boxes
+from hf_sad.box_ops import encode_boxes
+from hf_sad.detection_loss import assign_anchors
 
 from .conftest import LABELS, TINY
+
+# What save_pretrained copies beside the weights for trust_remote_code loading.
+REMOTE_CODE = ("configuration_sad", "modeling_sad", "image_processing_sad", "box_ops", "detection_loss")
 
 
 def make_labels(*boxes_per_image):
@@ -65,7 +72,7 @@ def test_focal_and_box_loss_match_independent_computation(tiny_detector):
     model, _ = tiny_detector
     labels = make_labels([(0, 0.5, 0.5, 0.4, 0.3), (2, 0.2, 0.25, 0.15, 0.2)], [(1, 0.7, 0.6, 0.3, 0.5)])
     out = model(torch.randn(2, 3, 128, 128), labels=labels)
-    assignment = model.assign_anchors(out.anchors, labels, out.image_sizes)
+    assignment = assign_anchors(out.anchors, labels, out.image_sizes, model.config)
 
     # Independent: per image, one-hot targets from the assignment, torchvision's focal loss on non-ignored anchors.
     cls_sum, box_sum, num_pos = 0.0, 0.0, 0
@@ -206,9 +213,9 @@ def test_remote_code_route_loads_without_hf_sad(tiny_detector, tmp_path):
     _save(model, processor, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForObjectDetection"] == "modeling_sad.SADForObjectDetection"
-    for name in ("modeling_sad.py", "configuration_sad.py", "image_processing_sad.py"):
-        assert (tmp_path / name).exists(), name
-        assert not re.search(r"^\s*(from|import)\s+hf_sad", (tmp_path / name).read_text(), re.MULTILINE), name
+    for name in REMOTE_CODE:
+        assert (tmp_path / f"{name}.py").exists(), name
+        assert not re.search(r"^\s*(from|import)\s+hf_sad", (tmp_path / f"{name}.py").read_text(), re.MULTILINE)
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         expected = model(x).logits
@@ -234,6 +241,22 @@ def test_remote_code_route_loads_without_hf_sad(tiny_detector, tmp_path):
     assert result.stdout.startswith("OK transformers_modules"), result.stdout
 
 
+def test_remote_code_files_import_only_safe_packages_and_flat_siblings():
+    # These files run with trust_remote_code where hf_sad is not installed: only the libraries a transformers
+    # detector already needs, and each other by flat relative imports (what save_pretrained copies).
+    allowed = {"torch", "torchvision", "numpy", "PIL", "transformers", "timm"}
+    for name in REMOTE_CODE:
+        tree = ast.parse((Path(hf_sad.__file__).parent / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = {alias.name.split(".")[0] for alias in node.names}
+                assert modules <= allowed | set(sys.stdlib_module_names), (name, modules)
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module in REMOTE_CODE, (name, node.module)
+            elif isinstance(node, ast.ImportFrom):
+                assert node.module.split(".")[0] in allowed | set(sys.stdlib_module_names), (name, node.module)
+
+
 def test_pipeline_returns_named_detections(tiny_detector, tmp_path):
     model, processor = tiny_detector
     _save(model, processor, tmp_path)
@@ -241,7 +264,7 @@ def test_pipeline_returns_named_detections(tiny_detector, tmp_path):
     image, _ = squares_scene(0, size=160)
     results = detector(image)
     assert results, "a threshold of 0 must return detections"
-    assert len(results) <= model.config.max_detections
+    assert len(results) <= processor.max_detections
     for r in results:
         assert r["label"] in LABELS.values()
         box = r["box"]

@@ -4,7 +4,7 @@
   the step equal those before it; the skip is counted (`nonfinite_steps`) and logged; `max_consecutive_nonfinite_steps`
   in a row stop the run with an error naming the cause. With gradient accumulation the whole step is skipped.
 - transformers 5.24's `Trainer._save_checkpoint` writes `checkpoint-N` in place, file by file (no temporary folder,
-  no rename); `SADTrainer._save_checkpoint` keeps a `checkpoint-N.incomplete` marker beside it until every process
+  no rename); `CompleteCheckpointCallback` keeps a `checkpoint-N.incomplete` marker beside it until every process
   has written its part, and resumption ignores marked or half-written folders (or refuses them by name).
 - A run SIGKILLed after its first checkpoint and resumed with `--resume_from_checkpoint last` ends with bitwise the
   weights of an uninterrupted run (subprocesses running the real `hf_sad.cli` distill entry point).
@@ -62,27 +62,19 @@ def same_state(a, b) -> bool:
         for x, y in zip(moments_a, moments_b))
 
 
-class NaNLossTrainer(SADTrainer):
-    """Returns a NaN loss on the chosen training forward passes (counted from 0, one per micro-batch)."""
-
-    nan_calls: set[int] = set()
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if model.training:
-            self.calls = getattr(self, "calls", -1) + 1
-            if self.calls in self.nan_calls:
-                loss = loss * float("nan")
-        return loss
-
-
 def nan_trainer(tmp_path, labeled, nan_calls, **kwargs):
+    """A trainer whose student returns NaN logits (hence a NaN loss) on the chosen training forward passes (counted
+    from 0, one per micro-batch)."""
     model, processor = tiny_detector()
     snapshots = Snapshots()
     args = make_args(tmp_path, per_device_train_batch_size=2, **kwargs)
-    trainer = NaNLossTrainer(model, None, args, labeled, processing_class=processor,
-                             callbacks=[snapshots])
-    trainer.nan_calls = set(nan_calls)
+    trainer = SADTrainer(model, None, args, labeled, processing_class=processor, callbacks=[snapshots])
+    calls = iter(range(10**6))
+
+    def poison(module, inputs, output):
+        return output * float("nan") if module.training and next(calls) in nan_calls else output
+
+    model.class_head.register_forward_hook(poison)
     return trainer, snapshots
 
 
@@ -91,7 +83,7 @@ def test_nonfinite_loss_skips_the_step_counts_and_logs_it(tmp_path, labeled, cap
     # With accumulation 2, forward pass 2 is the first micro-batch of step 2: the whole step is skipped.
     trainer, snapshots = nan_trainer(tmp_path, labeled, {accumulation}, max_steps=3,
                                      gradient_accumulation_steps=accumulation, weight_decay=0.1)
-    with caplog.at_level(logging.WARNING, logger="hf_sad.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_sad.callbacks"):
         result = trainer.train()
     after = snapshots.after
     assert same_state(after[2], after[1]), "the NaN step changed weights, BatchNorm statistics or AdamW state"
@@ -129,7 +121,7 @@ def test_nonfinite_gradients_with_a_finite_loss_skip_the_step(tmp_path, labeled,
                          processing_class=processor, callbacks=[snapshots])
     weight = model.class_head.predictor.weight
     weight.register_hook(lambda grad: grad * float("inf") if trainer.state.global_step == 1 else grad)
-    with caplog.at_level(logging.WARNING, logger="hf_sad.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_sad.callbacks"):
         result = trainer.train()
     assert same_state(snapshots.after[2], snapshots.after[1])
     assert result.metrics["nonfinite_steps"] == 1

@@ -32,7 +32,8 @@ def create_detector(
         **config_kwargs: any other `SADConfig` field (`fpn_channels`, `head_channels`, `min_level`, ...).
 
     Returns:
-        `(model, image_processor)`; the processor normalises with the backbone's mean/std.
+        `(model, image_processor)`; the processor normalises with the backbone's mean/std and holds the
+        post-processing settings (`score_threshold`, `nms_iou_threshold`, `pre_nms_top_k`, `max_detections`).
     """
     id2label = {int(k): v for k, v in id2label.items()}
     config = SADConfig(
@@ -49,10 +50,6 @@ def create_detector(
         size=size,
         image_mean=list(pretrained_cfg.get("mean", SADImageProcessor.image_mean)),
         image_std=list(pretrained_cfg.get("std", SADImageProcessor.image_std)),
-        score_threshold=config.score_threshold,
-        nms_iou_threshold=config.nms_iou_threshold,
-        pre_nms_top_k=config.pre_nms_top_k,
-        max_detections=config.max_detections,
     )
     return model, processor
 

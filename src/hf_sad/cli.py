@@ -1,24 +1,34 @@
 """`hf-sad` command line and the entry points behind `scripts/train.py` and `scripts/distill.py`.
 
-Arguments are parsed with transformers' `HfArgumentParser` from dataclasses, as in transformers' example scripts:
-`DataArguments` + `ModelArguments` + `SADTrainingArguments` (every `TrainingArguments` flag works).
+Each command parses its own dataclasses with transformers' `HfArgumentParser`, as transformers' example scripts do,
+so `hf-sad COMMAND --help` lists exactly that command's flags: data, model and distillation flags first, then every
+`TrainingArguments` flag. `--config run.yaml` reads flag values from a YAML file, as TRL's scripts do; flags on the
+command line win.
+
+`main(argv)` lets errors propagate (tests and Python callers see the exception); the `hf-sad` console entry point
+(`console_main`) turns data, path and configuration errors into a one-line message and exit status 1.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
+import yaml
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, HfArgumentParser, set_seed
 
 from .builder import create_detector
 from .data import dataset_label_names, load_labeled_dataset, load_unlabeled_images
+from .reporting import format_metrics, write_json
 from .synthetic import make_labeled_dataset, make_unlabeled_stream, synthetic_id2label
-from .trainer import SADTrainer, SADTrainingArguments
+from .trainer import SADTrainer
+from .training_args import DetectionTrainingArguments, SADTrainingArguments
 
 logger = logging.getLogger("hf_sad")
 
@@ -27,10 +37,17 @@ logger = logging.getLogger("hf_sad")
 SYNTHETIC_SOURCES = ("synthetic", "synthetic-val", "synthetic-shifted")
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class DataArguments:
     """Where the data comes from. Sources are a COCO json or folder, an imagefolder, a saved or Hub dataset, or the
     built-in synthetic scenes (`synthetic:N`, `synthetic-val:N`; unlabeled `synthetic`, `synthetic-shifted`)."""
+
+    _argument_group_name = "data"
 
     train_data: str = field(default="synthetic:256", metadata={"help": "Labeled training data."})
     train_split: str = field(default="train", metadata={"help": "Split of a Hub/imagefolder training dataset."})
@@ -43,18 +60,70 @@ class DataArguments:
 
 @dataclass
 class ModelArguments:
-    """The student (a saved model or a fresh one on a timm backbone) and the teacher."""
+    """The model to train: a saved detector, or a fresh one on a timm backbone."""
+
+    _argument_group_name = "model"
 
     student: str = field(
         default="resnet18",
-        metadata={"help": "A saved SAD model (path or Hub id), or a timm backbone name for a fresh student."},
+        metadata={"help": "A saved SAD model (path or Hub id), or a timm backbone name for a fresh model."},
     )
-    teacher: str | None = field(default=None, metadata={"help": "The teacher: a saved SAD model (path or Hub id)."})
     image_size: int = field(default=512, metadata={"help": "Shortest image side of a fresh model's processor."})
     fpn_channels: int = field(default=256, metadata={"help": "Pyramid width of a fresh model."})
     head_channels: int = field(default=256, metadata={"help": "Head width of a fresh model."})
     head_num_convs: int = field(default=4, metadata={"help": "Convolutions per head of a fresh model."})
     pretrained_backbone: bool = field(default=False, metadata={"help": "Load timm's pretrained backbone weights."})
+    license: str | None = field(default=None, metadata={"help": "License of the trained model, for its card."})
+
+
+@dataclass
+class TeacherArguments:
+    """The frozen teacher of a distillation."""
+
+    _argument_group_name = "teacher"
+
+    teacher: str | None = field(default=None, metadata={"help": "The teacher: a saved SAD model (path or Hub id)."})
+
+
+def parse(prog: str, description: str, dataclass_types: tuple[type, ...], argv: list[str]) -> argparse.Namespace:
+    """Parse `argv` with a parser built from `dataclass_types` and `--config FILE.yaml` (flag name -> value; flags on
+    the command line win). Unknown flags are a usage error (exit status 2)."""
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    parser.add_argument("--config", metavar="FILE.yaml", help="Flag values from a YAML file; command-line flags win.")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_read_config(parser, known.config))
+    return parser.parse_args(argv)
+
+
+def _read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """The flag values of a YAML config file, checked against the parser's flags (so a typo is an error)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file.")
+    values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}.")
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions) - {"config"})
+    if unknown:
+        raise ValueError(f"--config {path}: unknown flag(s) {unknown}; `--help` lists the flags of this command.")
+    for name in values:
+        actions[name].required = False  # given by the file
+    return values
+
+
+def from_namespace(dtype: type, namespace: argparse.Namespace, **overrides):
+    """An instance of the dataclass `dtype` from the parsed values it has fields for, plus `overrides`."""
+    names = {f.name for f in dataclasses.fields(dtype) if f.init}
+    return dtype(**{**{k: v for k, v in vars(namespace).items() if k in names}, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train / distill
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def load_data(source: str, split: str, image_size: int, seed_offset: int = 0) -> datasets.Dataset:
@@ -73,7 +142,7 @@ def load_unlabeled(source: str, split: str, image_size: int) -> datasets.Iterabl
 
 
 def build_student(model_args: ModelArguments, id2label: dict[int, str]):
-    """Load a saved student, or create a fresh one on the named timm backbone with the dataset's classes."""
+    """Load a saved model, or create a fresh one on the named timm backbone with the dataset's classes."""
     if Path(model_args.student).is_dir() or "/" in model_args.student:
         model = AutoModelForObjectDetection.from_pretrained(model_args.student)
         return model, AutoImageProcessor.from_pretrained(model_args.student)
@@ -88,28 +157,16 @@ def build_student(model_args: ModelArguments, id2label: dict[int, str]):
     )
 
 
-def _student_card(trainer: SADTrainer, model_args: ModelArguments, data_args: DataArguments, metrics: dict) -> None:
-    """Write the student's README.md card into the output folder."""
-    from .hub import create_model_card
-
-    model = trainer.model
-    card = create_model_card(
-        model_name=Path(trainer.args.output_dir).name,
-        id2label=model.config.id2label,
-        backbone=model.config.backbone,
-        teacher=model_args.teacher if trainer.args.distill_loss != "none" else None,
-        datasets=[d for d in (data_args.train_data, data_args.unlabeled_data) if d],
-        metrics={k: v for k, v in metrics.items() if k.startswith("eval_map")},
-        hyperparameters=trainer.distillation_hyperparameters(),
-        dataset_name=data_args.eval_data or data_args.train_data,
-        detections_image=None,
-        repo_id=trainer.args.hub_model_id,
-    )
-    card.save(str(Path(trainer.args.output_dir) / "README.md"))
-
-
-def run_training(data_args: DataArguments, model_args: ModelArguments, training_args: SADTrainingArguments) -> dict:
-    """Train (supervised with `distill_loss="none"`, else distil), evaluate, save, optionally push. Returns metrics."""
+def run_training(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    training_args: SADTrainingArguments,
+    teacher: str | None = None,
+) -> dict:
+    """Train (supervised with `distill_loss="none"`, else distil), save, evaluate, write results and the model card,
+    optionally push. Ends as transformers' example scripts do (`***** train metrics *****`, `train_results.json`,
+    `eval_results.json`, `all_results.json`, `trainer_state.json`), plus `results.json` and a per-class AP table.
+    Returns the metrics."""
     train = load_data(data_args.train_data, data_args.train_split, data_args.synthetic_image_size)
     names = dataset_label_names(train)
     id2label = dict(enumerate(names)) if names else synthetic_id2label()
@@ -123,48 +180,74 @@ def run_training(data_args: DataArguments, model_args: ModelArguments, training_
     model, processor = build_student(model_args, id2label)
     trainer = SADTrainer(
         model,
-        model_args.teacher if training_args.distill_loss != "none" else None,
+        teacher if training_args.distill_loss != "none" else None,
         training_args,
         train,
         unlabeled,
         evaluation,
         processing_class=processor,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = dict(result.metrics)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()  # before evaluation: nothing that fails afterwards can lose the trained weights
+    metrics = dict(train_result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
     if evaluation is not None:
-        metrics.update(trainer.evaluate())
-    trainer.save_model()
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+        if trainer.teacher is not None:
+            teacher_metrics = trainer.evaluate_teacher()
+            trainer.log_metrics("teacher", teacher_metrics)
+            trainer.save_metrics("teacher", teacher_metrics)
+            metrics.update(teacher_metrics)
+        if trainer.is_world_process_zero():
+            print(f"\nCOCO AP of the {'student' if trainer.teacher is not None else 'model'} on "
+                  f"{data_args.eval_data} (percent)\n{format_metrics(eval_metrics, id2label, prefix='eval_')}\n")
+    card = {
+        "datasets": [d for d in (data_args.train_data, data_args.unlabeled_data) if d],
+        "dataset_name": data_args.eval_data or data_args.train_data,
+        "license": model_args.license,
+    }
     if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
-        (output_dir / "results.json").write_text(json.dumps(metrics, indent=2))
-        if training_args.distill_loss != "none":  # the card describes a distilled student
-            _student_card(trainer, model_args, data_args, metrics)
-        if training_args.push_to_hub:
-            from .hub import push_to_hub
-
-            repo_id = training_args.hub_model_id or output_dir.name
-            url = push_to_hub(output_dir, repo_id, private=bool(training_args.hub_private_repo),
-                              token=training_args.hub_token)
+        write_json(Path(training_args.output_dir) / "results.json", metrics)
+    if training_args.push_to_hub:
+        url = trainer.push_to_hub(**card)
+        if url:
             print(f"Pushed to {url}")
+    else:
+        trainer.create_model_card(**card)
     return metrics
 
 
 def distill_main(argv: list[str] | None = None) -> dict:
     """`hf-sad distill` / `scripts/distill.py`: student + frozen teacher (+ unlabeled data) -> distilled student."""
-    parser = HfArgumentParser((DataArguments, ModelArguments, SADTrainingArguments), prog="hf-sad distill")
-    data_args, model_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if training_args.distill_loss != "none" and not model_args.teacher:
-        parser.error("--teacher is required for distillation (or pass --distill_loss none).")
-    return run_training(data_args, model_args, training_args)
+    namespace = parse(
+        "hf-sad distill", "Distil a frozen teacher into a student with SAD.",
+        (DataArguments, ModelArguments, TeacherArguments, SADTrainingArguments), _argv(argv),
+    )
+    training_args = from_namespace(SADTrainingArguments, namespace)
+    if training_args.distill_loss != "none" and not namespace.teacher:
+        raise SystemExit("hf-sad distill: error: --teacher is required for distillation (or pass --distill_loss none).")
+    return run_training(from_namespace(DataArguments, namespace), from_namespace(ModelArguments, namespace),
+                        training_args, teacher=namespace.teacher)
 
 
 def train_main(argv: list[str] | None = None) -> dict:
     """`hf-sad train` / `scripts/train.py`: supervised training of a teacher or a baseline student."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--distill_loss" in argv or "--teacher" in argv:
-        raise SystemExit("hf-sad train is supervised only; use hf-sad distill for --teacher / --distill_loss.")
-    return distill_main([*argv, "--distill_loss", "none"])
+    namespace = parse(
+        "hf-sad train", "Supervised training of a detector (a teacher, or a baseline student).",
+        (DataArguments, ModelArguments, DetectionTrainingArguments), _argv(argv),
+    )
+    return run_training(from_namespace(DataArguments, namespace), from_namespace(ModelArguments, namespace),
+                        from_namespace(SADTrainingArguments, namespace, distill_loss="none"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# demo / evaluate / predict / push
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -178,12 +261,10 @@ class DemoArguments:
 
 def demo_main(argv: list[str] | None = None) -> dict:
     """`hf-sad demo`: teacher, baseline student and SAD student on synthetic data; prints a table."""
-    from dataclasses import replace
-
     from .demo import QUICK, DemoConfig, run_demo
 
-    (args,) = HfArgumentParser(DemoArguments, prog="hf-sad demo").parse_args_into_dataclasses(args=argv)
-    config = replace(QUICK if args.quick else DemoConfig(), seed=args.seed)
+    args = from_namespace(DemoArguments, parse("hf-sad demo", demo_main.__doc__, (DemoArguments,), _argv(argv)))
+    config = dataclasses.replace(QUICK if args.quick else DemoConfig(), seed=args.seed)
     return run_demo(args.output_dir, quick=args.quick, config=config)
 
 
@@ -194,24 +275,28 @@ class EvaluateArguments:
     model: str = field(metadata={"help": "A saved SAD model (path or Hub id)."})
     data: str = field(metadata={"help": "Labeled data (COCO json/folder, imagefolder, saved or Hub dataset)."})
     split: str = field(default="validation", metadata={"help": "Split of a Hub/imagefolder dataset."})
+    output_file: str = field(default="evaluation.json", metadata={"help": "Where the metrics are written (JSON)."})
     batch_size: int = field(default=8, metadata={"help": "Images per forward pass."})
     synthetic_image_size: int = field(default=128, metadata={"help": "Image side of synthetic data."})
 
 
 def evaluate_main(argv: list[str] | None = None) -> dict:
-    """`hf-sad evaluate`: prints COCO metrics (map, map_50, map_75, small/medium/large, per class) as JSON."""
+    """`hf-sad evaluate`: prints the overall and per-class COCO AP and writes all metrics to a JSON file."""
     import tempfile
 
-    (args,) = HfArgumentParser(EvaluateArguments, prog="hf-sad evaluate").parse_args_into_dataclasses(args=argv)
+    args = from_namespace(EvaluateArguments, parse("hf-sad evaluate", evaluate_main.__doc__, (EvaluateArguments,),
+                                                   _argv(argv)))
     data = load_data(args.data, args.split, args.synthetic_image_size)
     model = AutoModelForObjectDetection.from_pretrained(args.model)
     processor = AutoImageProcessor.from_pretrained(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         training_args = SADTrainingArguments(output_dir=tmp, distill_loss="none", report_to="none",
-                                             per_device_eval_batch_size=args.batch_size)
+                                             per_device_eval_batch_size=args.batch_size, disable_tqdm=False)
         trainer = SADTrainer(model, None, training_args, eval_dataset=data, processing_class=processor)
         metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
-    print(json.dumps(metrics, indent=2))
+    path = write_json(args.output_file, metrics)
+    print(f"\nCOCO AP of {args.model} on {args.data} (percent)\n{format_metrics(metrics, model.config.id2label)}")
+    print(f"\nAll metrics: {path}")
     return metrics
 
 
@@ -220,49 +305,31 @@ class PredictArguments:
     """Detections for images: JSON and pictures with the boxes drawn."""
 
     model: str = field(metadata={"help": "A saved SAD model (path or Hub id)."})
-    images: list[str] = field(metadata={"help": "Image files or folders."})
+    images: list[str] = field(metadata={"help": "Image files or folders (searched recursively)."})
     output_dir: str = field(default="predictions", metadata={"help": "Where detections.json and pictures go."})
     threshold: float = field(default=0.5, metadata={"help": "Minimum score of a detection."})
     batch_size: int = field(default=8, metadata={"help": "Images per forward pass."})
-
-
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    device: str | None = field(default=None, metadata={"help": "torch device; default: cuda when available."})
 
 
 def predict_main(argv: list[str] | None = None) -> dict:
-    """`hf-sad predict`: writes `detections.json` ({file: [{label, score, box}]}) and one drawn picture per image."""
-    from PIL import Image
+    """`hf-sad predict`: writes `detections.json` ({image path: [{label, score, box}]}) and a drawn picture per
+    image, in folders mirroring the inputs."""
+    from .inference import predict_images
 
-    from .data import decode_image
-    from .inference import detect, draw_detections, to_json
-
-    (args,) = HfArgumentParser(PredictArguments, prog="hf-sad predict").parse_args_into_dataclasses(args=argv)
-    files = []
-    for item in map(Path, args.images):
-        files += sorted(p for p in item.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES) if item.is_dir() else [item]
-    if not files:
-        raise SystemExit(f"No images found in {args.images}.")
-    model = AutoModelForObjectDetection.from_pretrained(args.model)
-    processor = AutoImageProcessor.from_pretrained(args.model)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start : start + args.batch_size]
-        images: list[Image.Image] = [decode_image({"path": str(f), "bytes": None}) for f in chunk]
-        for file, image, found in zip(chunk, images, detect(model, processor, images, threshold=args.threshold)):
-            results[str(file)] = to_json(found, model.config.id2label)
-            draw_detections(image, found, model.config.id2label).save(output_dir / f"{file.stem}_detections.png")
-    (output_dir / "detections.json").write_text(json.dumps(results, indent=2))
-    print(f"{sum(map(len, results.values()))} detections in {len(files)} images -> {output_dir}")
-    return results
+    args = from_namespace(PredictArguments, parse("hf-sad predict", predict_main.__doc__, (PredictArguments,),
+                                                  _argv(argv)))
+    report = predict_images(args.model, args.images, args.output_dir, threshold=args.threshold,
+                            batch_size=args.batch_size, device=args.device)
+    print(report.summary())
+    return report.detections
 
 
 @dataclass
 class PushArguments:
-    """Upload a saved student (weights, processor, remote code, card) to the Hugging Face Hub."""
+    """Upload a saved detector (weights, processor, remote code, card) to the Hugging Face Hub."""
 
-    model_dir: str = field(metadata={"help": "The saved student folder."})
+    model_dir: str = field(metadata={"help": "The saved model folder."})
     repo_id: str = field(metadata={"help": "NAMESPACE/NAME of the Hub repository."})
     private: bool = field(default=False, metadata={"help": "Create the repository as private."})
     revision: str | None = field(default=None, metadata={"help": "Branch to push to."})
@@ -272,10 +339,10 @@ def push_main(argv: list[str] | None = None) -> str:
     """`hf-sad push MODEL_DIR --repo-id NAMESPACE/NAME [--private]`; the token comes from `hf auth login`/HF_TOKEN."""
     from .hub import push_to_hub
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _argv(argv)
     if argv and not argv[0].startswith("-"):
         argv = ["--model_dir", argv[0], *argv[1:]]
-    (args,) = HfArgumentParser(PushArguments, prog="hf-sad push").parse_args_into_dataclasses(args=argv)
+    args = from_namespace(PushArguments, parse("hf-sad push", push_main.__doc__, (PushArguments,), argv))
     url = push_to_hub(args.model_dir, args.repo_id, private=args.private, revision=args.revision)
     print(f"Pushed {args.model_dir} to {url}")
     return url
@@ -287,17 +354,40 @@ COMMANDS = {
     "distill": (distill_main, "distil a frozen teacher into a student (SAD)"),
     "evaluate": (evaluate_main, "COCO mAP of a saved model on a dataset"),
     "predict": (predict_main, "detections for images: JSON and drawn pictures"),
-    "push": (push_main, "upload a saved student to the Hugging Face Hub"),
+    "push": (push_main, "upload a saved model to the Hugging Face Hub"),
 }
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`hf-sad COMMAND [--help] ...`"""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _argv(argv: list[str] | None) -> list[str]:
+    return list(sys.argv[1:] if argv is None else argv)
+
+
+def configure_logging() -> None:
+    """hf_sad's own messages at INFO on the console; other libraries (HTTP clients included) only from WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hf_sad").setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """`hf-sad COMMAND [--help] ...`: runs the command; errors propagate (see `console_main`)."""
+    argv = _argv(argv)
     if not argv or argv[0] not in COMMANDS:
         lines = ["usage: hf-sad COMMAND [--help] ...", "", "commands:"]
         lines += [f"  {name:<10}{description}" for name, (_, description) in COMMANDS.items()]
         print("\n".join(lines))
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    COMMANDS[argv[0]][0](argv[1:])
+    configure_logging()
+    return COMMANDS[argv[0]][0](argv[1:])
+
+
+def console_main() -> None:
+    """The `hf-sad` console script: `main()`, with data, path and configuration errors shown as one message (no
+    traceback) and exit status 1."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        print(f"hf-sad: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+__all__ = ["DataArguments", "ModelArguments", "TeacherArguments", "console_main", "main"]

@@ -5,13 +5,15 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 _BOX_LOSSES = ("smooth_l1", "giou")
+_MOVED_TO_PROCESSOR = ("score_threshold", "nms_iou_threshold", "pre_nms_top_k", "max_detections")
 
 
 class SADConfig(PreTrainedConfig):
     r"""
     Configuration of [`SADForObjectDetection`]: timm backbone -> feature pyramid (P`min_level`..P`max_level`) -> shared
     RetinaNet classification and box heads. `SADConfig(backbone="resnet18", id2label=..., label2id=...)` alone builds a
-    working model.
+    working model. It describes the network and its training targets only; post-processing settings (score threshold,
+    NMS, top-k, detections per image) belong to [`SADImageProcessor`].
 
     Args:
         backbone (`str`, *optional*, defaults to `"resnet18"`):
@@ -57,14 +59,6 @@ class SADConfig(PreTrainedConfig):
             processes (so every process weighs a positive the same), instead of the local count.
         prior_prob (`float`, *optional*, defaults to 0.01):
             Initial foreground probability of the classification head (sets its bias).
-        score_threshold (`float`, *optional*, defaults to 0.05):
-            Default minimum score of a detection in post-processing.
-        nms_iou_threshold (`float`, *optional*, defaults to 0.5):
-            IoU above which class-wise NMS suppresses a lower-scored detection.
-        pre_nms_top_k (`int`, *optional*, defaults to 1000):
-            Candidates (anchor, class pairs) kept per image before NMS.
-        max_detections (`int`, *optional*, defaults to 100):
-            Detections kept per image after NMS.
     """
 
     model_type = "sad"
@@ -91,10 +85,6 @@ class SADConfig(PreTrainedConfig):
         box_loss_weight: float = 1.0,
         sync_num_positives: bool = True,
         prior_prob: float = 0.01,
-        score_threshold: float = 0.05,
-        nms_iou_threshold: float = 0.5,
-        pre_nms_top_k: int = 1000,
-        max_detections: int = 100,
         **kwargs,
     ):
         self.backbone = backbone
@@ -117,10 +107,9 @@ class SADConfig(PreTrainedConfig):
         self.box_loss_weight = box_loss_weight
         self.sync_num_positives = sync_num_positives
         self.prior_prob = prior_prob
-        self.score_threshold = score_threshold
-        self.nms_iou_threshold = nms_iou_threshold
-        self.pre_nms_top_k = pre_nms_top_k
-        self.max_detections = max_detections
+        # Post-processing settings live in the image processor; configs saved before that move still carry them.
+        for name in _MOVED_TO_PROCESSOR:
+            kwargs.pop(name, None)
         super().__init__(**kwargs)
         self._validate()
 

@@ -1,4 +1,4 @@
-"""Data for distillation: labeled detection datasets, unlabeled image streams, the mixed training stream, the collator.
+"""Data for distillation: labeled detection datasets, unlabeled image streams, and the mixed training stream.
 
 Labeled data is the transformers object-detection schema (as in cppe-5 and transformers' object-detection example):
 an `image` column and `objects` with `bbox` (COCO x, y, w, h in absolute pixels) and `category` (class ids, ideally a
@@ -7,31 +7,51 @@ an `image` column and `objects` with `bbox` (COCO x, y, w, h in absolute pixels)
 Training always reads one stream (`build_training_stream`): the labeled images repeated without end, optionally
 interleaved with unlabeled images, each row numbered by `sample_index`. The collator derives each row's augmentation
 from that number rather than from the global RNG, so a run resumed from a checkpoint (which replays the stream up to
-the checkpoint) sees exactly the pixels an uninterrupted run would have seen.
+the checkpoint) sees exactly the pixels an uninterrupted run would have seen. Decoding, box cleaning, augmentation and
+collation are `hf_sad.collator`'s (its names are re-exported here).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import datasets
-import numpy as np
-import torch
 from datasets import ClassLabel, Features, List, Value
 from datasets import Image as ImageFeature
-from PIL import Image, ImageOps
-from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as TF
 
-from .image_processing_sad import SADImageProcessor, get_resize_output_size
+from .collator import (
+    CollationStats,
+    SADDataCollator,
+    clean_boxes,
+    decode_image,
+    decode_image_with_scale,
+    image_name,
+    map_categories,
+    objects_as_columns,
+)
+
+# The collator's public names are re-exported: they have always been importable from hf_sad.data.
+__all__ = [
+    "STREAM_FEATURES",
+    "CollationStats",
+    "SADDataCollator",
+    "build_training_stream",
+    "category_mapping",
+    "clean_boxes",
+    "dataset_label_names",
+    "decode_image",
+    "decode_image_with_scale",
+    "detection_features",
+    "image_column",
+    "load_coco_detection",
+    "load_labeled_dataset",
+    "load_unlabeled_images",
+    "map_categories",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -190,30 +210,6 @@ def category_mapping(
     return {i: label2id[name] for i, name in enumerate(names)}
 
 
-def map_categories(
-    categories: Sequence[int],
-    mapping: Mapping[int, int] | None,
-    id2label: Mapping[int, str] | None = None,
-    where: str | None = None,
-) -> list[int]:
-    """Dataset category ids -> model label ids (identity without a mapping); an unknown id is an error naming it.
-
-    With `id2label` (the model's labels) the error also lists the known labels, and ids outside them are refused even
-    without a mapping; `where` (e.g. the image's path) is named in the error.
-    """
-    ids = [int(c) for c in categories]
-    unknown = [c for c in ids if (mapping is not None and c not in mapping) or (
-        mapping is None and id2label is not None and c not in id2label)]
-    if unknown:
-        known = f"the model's labels are {dict(id2label)}" if id2label is not None else "it is not in the label map"
-        mapped = f"; dataset category id -> model label id: {dict(mapping)}" if mapping is not None else ""
-        raise ValueError(
-            f"{where + ': ' if where else ''}category id {unknown[0]} is not a known class: {known}{mapped}. Fix the "
-            "annotation, or build the model with the dataset's classes (id2label)."
-        )
-    return ids if mapping is None else [mapping[c] for c in ids]
-
-
 def image_column(dataset: datasets.Dataset | datasets.IterableDataset) -> str:
     """Name of the (first) image column of a dataset."""
     features = dataset.features or {}
@@ -228,13 +224,6 @@ def image_column(dataset: datasets.Dataset | datasets.IterableDataset) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # The training stream
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _objects_as_columns(objects: Any) -> dict[str, list]:
-    """`objects` as {"bbox": [...], "category": [...]}, whether stored as a dict of lists or a list of dicts."""
-    if isinstance(objects, Mapping):
-        return {"bbox": list(objects["bbox"]), "category": list(objects["category"])}
-    return {"bbox": [o["bbox"] for o in objects], "category": [o["category"] for o in objects]}
 
 
 def _check_labeled_schema(dataset: datasets.Dataset | datasets.IterableDataset, name: str) -> None:
@@ -262,8 +251,8 @@ def _as_stream_rows(
 
     def to_row(example: dict) -> dict:
         if labeled:
-            objects = _objects_as_columns(example["objects"])
-            where = " ".join([_image_name(example[column])] + (
+            objects = objects_as_columns(example["objects"])
+            where = " ".join([image_name(example[column])] + (
                 [f"image_id={example['image_id']}"] if example.get("image_id") is not None else []))
             objects["category"] = map_categories(objects["category"], mapping, id2label, where=f"image {where}")
             for box in objects["bbox"]:  # checked here, where the image's name and id are still known
@@ -321,261 +310,3 @@ def build_training_stream(
     features = STREAM_FEATURES.copy()
     features["sample_index"] = Value("int64")
     return stream.map(lambda _, index: {"sample_index": index}, with_indices=True, features=features)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Decoding, augmentation, collation
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def decode_image(value: Any, *, min_size: Callable[[int, int], int] | None = None) -> Image.Image:
-    """An RGB PIL image from a PIL image or a datasets `{"bytes", "path"}` dict, with EXIF orientation applied.
-
-    Grayscale, RGBA, palette (with or without transparency), CMYK and 16-bit images are converted to RGB. Boxes of an
-    EXIF-rotated image are expected in its displayed (rotated) orientation, as annotation tools show it.
-    `min_size`: see `decode_image_with_scale` (reduced-scale decoding of large JPEGs).
-
-    Raises `OSError`/`ValueError` (from PIL; other exception types are possible for malformed files) for undecodable
-    data.
-    """
-    return decode_image_with_scale(value, min_size=min_size)[0]
-
-
-def decode_image_with_scale(
-    value: Any, *, min_size: Callable[[int, int], int] | None = None
-) -> tuple[Image.Image, float]:
-    """`decode_image`, and the factor from the image's full-resolution pixels to the returned image's pixels.
-
-    `min_size(height, width)` (of the stored image) gives the smallest side the caller needs. A JPEG is then decoded
-    by libjpeg at 1/2, 1/4 or 1/8 scale (`Image.draft`), as far as both sides stay at least that long, so that a
-    8000x6000 photo never exists at full resolution in memory; the factor (1/2, ...) scales boxes given in
-    full-resolution pixels. Other formats are decoded in full (factor 1.0).
-    """
-    if isinstance(value, Mapping):
-        data, path = value.get("bytes"), value.get("path")
-        if data is not None:
-            if not data:
-                raise ValueError("empty image (0 bytes)")
-            image = Image.open(io.BytesIO(data))
-        elif path:
-            image = Image.open(path)
-        else:
-            raise ValueError("no image: neither bytes nor a path")
-    elif isinstance(value, Image.Image):
-        image = value
-    else:
-        raise ValueError(f"Unsupported image value of type {type(value).__name__}.")
-    factor = 1.0
-    if min_size is not None:
-        width, height = image.size
-        side = max(1, int(min_size(height, width)))
-        drafted = image.draft(None, (side, side))  # None for formats without reduced-scale decoding
-        if drafted is not None:
-            factor = drafted[1][2] / width
-    image.load()
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit, 32-bit or float grayscale: scale to 8 bits rather than letting PIL clip to 0..255.
-        array = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray(np.clip(array / max(array.max(), 1.0) * 255, 0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # PIL warns when converting such a palette straight to RGB
-    return image.convert("RGB"), factor
-
-
-def _image_name(value: Any) -> str:
-    """The image's path (or file name) for messages, else a placeholder."""
-    path = value.get("path") if isinstance(value, Mapping) else getattr(value, "filename", None)
-    return repr(str(path)) if path else "(in-memory image)"
-
-
-def _describe_row(row: Mapping, position: int) -> str:
-    """Where a row comes from, for messages: its image path and its index in the stream or its image id."""
-    name = _image_name(row.get("image"))
-    parts = [name] if name != "(in-memory image)" else []
-    parts += [f"{key}={row[key]}" for key in ("sample_index", "image_id") if row.get(key) is not None]
-    return " ".join(parts) or f"row {position} of the batch"
-
-
-@dataclass
-class CollationStats:
-    """What one `SADDataCollator` met so far, in its own process (each DataLoader worker has a copy, invisible to the
-    main process: `SADTrainer` counts from the batches' `num_skipped` / `num_dropped_boxes` instead)."""
-
-    images_seen: int = 0
-    images_skipped: int = 0
-    boxes_dropped: int = 0
-    skipped_examples: list[str] = dataclass_field(default_factory=list)
-
-    def skipped(self, where: str) -> None:
-        self.images_skipped += 1
-        if len(self.skipped_examples) < 10:
-            self.skipped_examples.append(where)
-
-
-def clean_boxes(
-    boxes: torch.Tensor, categories: list[int], width: int, height: int, where: str
-) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Validate one image's COCO boxes (x, y, w, h pixels): returns (boxes, categories, descriptions of dropped boxes).
-
-    A NaN or infinite coordinate is an error naming `where`. Boxes reaching outside the image are clipped to it; boxes
-    with zero or negative width/height (degenerate or inverted), or entirely outside the image, are dropped. Duplicate
-    boxes are kept. Boxes that need no clipping are returned unchanged (bit for bit).
-    """
-    finite = torch.isfinite(boxes).all(dim=1)
-    if not finite.all():
-        bad = boxes[~finite][0].tolist()
-        raise ValueError(
-            f"Annotation of image {where}: bbox {bad} has a NaN or infinite coordinate. Fix or remove this box."
-        )
-    corners = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
-    clipped = corners.clone()
-    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
-    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
-    keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0) & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-    changed = (clipped != corners).any(dim=1, keepdim=True)
-    boxes = torch.where(changed, torch.cat([clipped[:, :2], clipped[:, 2:] - clipped[:, :2]], dim=1), boxes)
-    dropped = [f"{where} bbox {[round(v, 2) for v in box]}" for box in boxes[~keep].tolist()]
-    return boxes[keep], [c for c, k in zip(categories, keep.tolist()) if k], dropped
-
-
-class SADDataCollator:
-    """Turns rows (training-stream rows or plain labeled examples) into model inputs.
-
-    Rows with a `sample_index` (training) get a horizontal flip with probability `hflip_prob` and a scale jitter: the
-    processor's target size times a factor drawn from `scale_range`; both are drawn from a generator seeded by
-    (`seed`, process, worker, `sample_index`), so augmentation never touches the global RNG. Boxes follow the pixels
-    through `torchvision.transforms.v2.functional` with `tv_tensors.BoundingBoxes`. Rows without it (evaluation) are
-    only resized by the processor.
-
-    Returns a dict with `pixel_values` (B, 3, H, W), `pixel_mask` (B, H, W), `labels` (one dict per row, normalised
-    cxcywh boxes; empty for unlabeled rows) and `is_labeled` (B,) bool, plus `num_skipped` (0-d int64: rows dropped
-    because their image could not be decoded), `skipped_examples` (their descriptions) and `num_dropped_boxes` (0-d
-    int64). The counts travel in the batch so that the trainer sees them even when the collator runs in DataLoader
-    workers; `stats` holds this process's totals.
-
-    Bad inputs:
-        - An image that cannot be decoded (corrupt, truncated, empty, not an image) is skipped with a warning naming
-          it when unlabeled; when labeled it is an error naming it unless `skip_bad_labeled_images`. If every row of a
-          batch is skipped, the batch is one black placeholder image with `empty_batch=True`, which `SADTrainer`
-          turns into a zero loss (no update). Large training JPEGs are decoded at reduced scale (`decode_image`).
-        - Boxes: NaN/inf is an error naming the image; boxes reaching outside the image are clipped; boxes of zero
-          or negative width/height or entirely outside are dropped, counted and warned about once (with examples);
-          category ids outside `id2label` (the model's labels, when given) are an error naming the id and the labels.
-    """
-
-    def __init__(
-        self,
-        processor: SADImageProcessor,
-        *,
-        hflip_prob: float = 0.5,
-        scale_range: tuple[float, float] = (0.8, 1.2),
-        seed: int = 42,
-        category_map: Mapping[int, int] | None = None,
-        id2label: Mapping[int, str] | None = None,
-        skip_bad_labeled_images: bool = False,
-    ):
-        self.processor = processor
-        self.hflip_prob = hflip_prob
-        self.scale_range = scale_range
-        self.seed = seed
-        self.category_map = category_map
-        self.id2label = {int(k): v for k, v in id2label.items()} if id2label is not None else None
-        self.skip_bad_labeled_images = skip_bad_labeled_images
-        self.stats = CollationStats()
-        self._warned_dropped_boxes = False
-
-    def _draft_side(self, height: int, width: int) -> int:
-        """Smallest side a training image must keep for the largest output of the scale jitter (either orientation)."""
-        sizes = get_resize_output_size(height, width, self.processor.size), get_resize_output_size(
-            width, height, self.processor.size
-        )
-        return math.ceil(max(max(size) for size in sizes) * max(self.scale_range))
-
-    def _generator(self, sample_index: int) -> torch.Generator:
-        worker = torch.utils.data.get_worker_info()
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        key = np.random.SeedSequence([self.seed, rank, worker.id if worker else 0, int(sample_index)])
-        return torch.Generator().manual_seed(int(key.generate_state(1, dtype=np.uint64)[0] >> 1))
-
-    def _augment(self, image: Image.Image, boxes: torch.Tensor, sample_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = self._generator(sample_index)
-        pixels = TF.to_image(image)
-        height, width = pixels.shape[-2:]
-        boxes = tv_tensors.BoundingBoxes(boxes, format="XYWH", canvas_size=(height, width))
-        if torch.rand((), generator=generator) < self.hflip_prob:
-            pixels, boxes = TF.horizontal_flip(pixels), TF.horizontal_flip(boxes)
-        low, high = self.scale_range
-        scale = low + (high - low) * torch.rand((), generator=generator).item()
-        out_h, out_w = get_resize_output_size(height, width, self.processor.size)
-        size = [max(1, round(out_h * scale)), max(1, round(out_w * scale))]
-        pixels, boxes = TF.resize(pixels, size, antialias=True), TF.resize(boxes, size)
-        return pixels, boxes.as_subclass(torch.Tensor)
-
-    def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
-        training = "sample_index" in rows[0]
-        images, annotations, is_labeled = [], [], []
-        skipped, dropped = [], []
-        for i, row in enumerate(rows):
-            labeled = bool(row.get("is_labeled", True))
-            where = _describe_row(row, i)
-            self.stats.images_seen += 1
-            try:
-                image, factor = decode_image_with_scale(row["image"], min_size=self._draft_side if training else None)
-            except Exception as error:  # noqa: BLE001 - PIL raises many types for malformed files; all mean "undecodable"
-                if labeled and not self.skip_bad_labeled_images:
-                    raise ValueError(
-                        f"Could not decode the labeled image {where}: {type(error).__name__}: {error}. Fix or remove "
-                        "it, or set skip_bad_labeled_images=True to skip undecodable labeled images."
-                    ) from error
-                logger.warning("Skipping undecodable image %s: %s: %s", where, type(error).__name__, error)
-                self.stats.skipped(where)
-                skipped.append(where)
-                continue
-            objects = _objects_as_columns(row.get("objects") or {"bbox": [], "category": []})
-            categories = [int(c) for c in objects["category"]]
-            if not training:  # training-stream rows were mapped when the stream was built
-                categories = map_categories(categories, self.category_map, self.id2label, where=f"image {where}")
-            elif self.id2label is not None:
-                map_categories(categories, None, self.id2label, where=f"image {where}")
-            boxes = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
-            if factor != 1.0:  # a large JPEG decoded at reduced scale
-                boxes = boxes * factor
-            boxes, categories, dropped_here = clean_boxes(boxes, categories, image.width, image.height, where)
-            dropped += dropped_here
-            if training:
-                image, boxes = self._augment(image, boxes, row["sample_index"])
-            image_id = int(row.get("sample_index", row.get("image_id", i)))
-            annotations.append({
-                "image_id": image_id,
-                "annotations": [{"bbox": b.tolist(), "category_id": c} for b, c in zip(boxes, categories)],
-            })
-            images.append(image)
-            is_labeled.append(labeled)
-        if dropped:
-            self.stats.boxes_dropped += len(dropped)
-            if not self._warned_dropped_boxes:
-                self._warned_dropped_boxes = True
-                logger.warning(
-                    "Dropped %d box(es) with zero or negative width/height, or lying entirely outside their image: %s. "
-                    "Such boxes are dropped and counted (dropped_boxes in the training logs) without further warnings.",
-                    len(dropped), "; ".join(dropped[:5]),
-                )
-        empty = not images
-        if empty:  # every image of the batch was skipped: a placeholder the trainer gives a zero loss
-            images = [Image.new("RGB", (32, 32))]
-            annotations = [{"image_id": -1, "annotations": []}]
-            is_labeled = [False]
-        batch = self.processor(images=images, annotations=annotations, do_resize=not training, return_tensors="pt")
-        out = {
-            "pixel_values": batch["pixel_values"],
-            "pixel_mask": batch["pixel_mask"],
-            "labels": batch["labels"],
-            "is_labeled": torch.tensor(is_labeled, dtype=torch.bool),
-            "num_skipped": torch.tensor(len(skipped), dtype=torch.int64),
-            "skipped_examples": skipped,
-            "num_dropped_boxes": torch.tensor(len(dropped), dtype=torch.int64),
-        }
-        if empty:
-            out["empty_batch"] = torch.tensor(True)
-        return out

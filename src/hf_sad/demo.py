@@ -11,7 +11,6 @@ detections are saved, loadable with `from_pretrained` and `pipeline("object-dete
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .builder import create_detector
-from .hub import create_model_card
 from .inference import detect, detections_grid
+from .reporting import write_json
 from .synthetic import make_labeled_dataset, make_unlabeled_stream, synthetic_id2label
 from .trainer import SADTrainer, SADTrainingArguments
 
@@ -126,9 +125,10 @@ def run_demo(output_dir: str | Path = "sad-demo", quick: bool = False, config: D
 
     teacher, processor = detector(config.teacher_backbone, config.teacher_width)
     args = training_arguments(config, output_dir / "teacher", config.teacher_steps, distill_loss="none")
-    _, teacher_metrics, teacher_seconds = train_and_evaluate(
+    teacher_trainer, teacher_metrics, teacher_seconds = train_and_evaluate(
         "teacher (supervised)", teacher, processor, args, train, val
     )
+    teacher_trainer.save_model()  # the SAD student's teacher is this folder, named so in its card
 
     baseline, processor = student()
     args = training_arguments(config, output_dir / "student_baseline", config.student_steps, distill_loss="none")
@@ -143,7 +143,7 @@ def run_demo(output_dir: str | Path = "sad-demo", quick: bool = False, config: D
         sad_config, output_dir / "student", config.student_steps, distill_loss="adl", unlabeled_ratio=0.5
     )
     trainer, sad_metrics, sad_seconds = train_and_evaluate(
-        "SAD student (ADL, labeled + unlabeled)", sad, processor, args, train, val, teacher=teacher,
+        "SAD student (ADL, labeled + unlabeled)", sad, processor, args, train, val, teacher=str(output_dir / "teacher"),
         unlabeled=unlabeled,
     )
 
@@ -157,7 +157,7 @@ def run_demo(output_dir: str | Path = "sad-demo", quick: bool = False, config: D
     }
     _save_student(trainer, processor, output_dir / "student", val, results, teacher_metrics, baseline_metrics,
                   sad_metrics)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(output_dir / "results.json", results)
     print(format_results(results), flush=True)
     return results
 
@@ -169,21 +169,13 @@ def _save_student(trainer, processor, folder: Path, val, results, teacher_metric
     picture = detections_grid(images, detect(model, processor, images, threshold=0.4), model.config.id2label)
     picture.save(folder / "detections.png")
     picture.save(folder.parent / "detections.png")
-    config = results["config"]
-    card = create_model_card(
+    trainer.create_model_card(
         model_name="sad-demo-student",
-        id2label=model.config.id2label,
-        backbone=config["student_backbone"],
-        teacher="teacher (trained in the demo)",
-        teacher_backbone=config["teacher_backbone"],
-        metrics=sad_metrics,
+        dataset_name="hf-sad synthetic shapes",
         teacher_metrics=teacher_metrics,
         baseline_metrics=baseline_metrics,
-        hyperparameters=trainer.distillation_hyperparameters(),
-        dataset_name="hf-sad synthetic shapes",
         detections_image="detections.png",
     )
-    card.save(str(folder / "README.md"))
 
 
 def format_results(results: dict) -> str:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 CARD_TEMPLATE = "student.md"
 CARD_TAGS = ["hf-sad", "object-detection", "knowledge-distillation", "semi-supervised", "retinanet"]
+SUPERVISED_TAGS = ["hf-sad", "object-detection", "retinanet"]
 
 # COCO box AP summary keys (as returned by `hf_sad.evaluation`) -> column names of the card's results table.
 RESULT_COLUMNS = {
@@ -59,6 +61,7 @@ PUSH_IGNORE_PATTERNS = [
 ]
 DEFAULT_COMMIT_MESSAGE = "Upload SAD student detector with hf-sad"
 
+_PLACEHOLDER_REPO_ID = re.compile(r"your-username/[A-Za-z0-9][A-Za-z0-9._-]*")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SECRET_KEY = re.compile(r"token(?!iz)|secret|password|api_?key|credential", re.IGNORECASE)
 _MAX_SCANNED_BYTES = 64 * 1024 * 1024  # token scan before upload: larger files are weights, read only in chunks
@@ -204,8 +207,12 @@ def create_model_card(
     detections_image: str | None = "detections.png",
     repo_id: str | None = None,
     license: str | None = None,
+    tags: Sequence[str] | None = None,
+    base_model: str | None = None,
+    method: str = "sad",
+    versions: Mapping[str, str] | None = None,
 ) -> ModelCard:
-    """Render the model card (`README.md`) of a distilled student.
+    """Render the model card (`README.md`) of a detector: a distilled student (`method="sad"`) or a supervised one.
 
     Args:
         model_name: title of the card and name of the `model-index` entry (a local path is reduced to its folder name).
@@ -224,12 +231,21 @@ def create_model_card(
             credential (`*token*`, `*secret*`, ...) are dropped.
         dataset_name: human-readable name of the evaluation data set.
         detections_image: file name, inside the repo, of a picture of detections; `None` when there is none.
-        repo_id: Hub id the card is written for, used in the usage snippet.
+        repo_id: Hub id the card is written for, used in the usage snippet; without one the snippet shows
+            `your-username/<model_name>`, which `push_to_hub` replaces by the real repo id.
         license: license identifier for the metadata (e.g. `"apache-2.0"`), optional.
+        tags: extra Hub tags.
+        base_model: the checkpoint the model was initialised from (a Hub id; local paths are left out). Default: the
+            teacher, when it is a Hub id.
+        method: `"sad"` (distilled from `teacher`) or `"supervised"` (a teacher or a baseline; no teacher shown).
+        versions: library name -> version, listed as the framework versions (see `framework_versions`).
 
     Returns:
         A `huggingface_hub.ModelCard`; `card.save(folder / "README.md")` writes it.
     """
+    if method not in ("sad", "supervised"):
+        raise ValueError(f"method must be 'sad' or 'supervised', got {method!r}.")
+    distilled = method == "sad"
     hub_datasets = [d for d in datasets or [] if is_hub_id(d)]
     if dataset_name == "custom" and hub_datasets:
         dataset_name = hub_datasets[0]
@@ -241,9 +257,9 @@ def create_model_card(
         model_name=model_name,
         library_name="transformers",
         pipeline_tag="object-detection",
-        tags=list(CARD_TAGS),
+        tags=list(dict.fromkeys([*(CARD_TAGS if distilled else SUPERVISED_TAGS), *(tags or [])])),
         license=license,
-        base_model=teacher if is_hub_id(teacher) else None,
+        base_model=base_model if is_hub_id(base_model) else teacher if distilled and is_hub_id(teacher) else None,
         datasets=hub_datasets or None,
         eval_results=_eval_results(
             student,
@@ -254,7 +270,7 @@ def create_model_card(
     )
     columns, rows = _results_rows(
         [
-            (f"**{model_name}** (student, SAD)", student),
+            (f"**{model_name}** ({'student, SAD' if distilled else 'supervised'})", student),
             (f"teacher{f' ({teacher_backbone})' if teacher_backbone else ''}", normalize_metrics(teacher_metrics)),
             ("supervised baseline (same student, no distillation)", normalize_metrics(baseline_metrics)),
         ]
@@ -276,9 +292,28 @@ def create_model_card(
         result_columns=columns,
         results_rows=rows,
         detections_image=PurePosixPath(detections_image.replace("\\", "/")).name if detections_image else None,
-        repo_id=repo_id or f"your-username/{model_name}",
+        repo_id=repo_id or placeholder_repo_id(model_name),
         license=license,
+        distilled=distilled,
+        versions=sorted((versions or {}).items()),
     )
+
+
+def placeholder_repo_id(model_name: str) -> str:
+    """The repo id a card shows until the model is pushed (`push_to_hub` puts the real one in its place)."""
+    return f"your-username/{model_name}"
+
+
+def framework_versions() -> dict[str, str]:
+    """Installed versions of the libraries a saved detector depends on (for the model card)."""
+    names = ("hf-sad", "transformers", "torch", "torchvision", "timm", "datasets", "accelerate")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -340,6 +375,15 @@ def _files_containing(folder: Path, files: Sequence[str], secret: str) -> list[s
     return hits
 
 
+def _write_repo_id_into_card(card: Path, repo_id: str) -> None:
+    """Put the real repo id where a card written before the push shows `your-username/<name>`."""
+    if card.is_file():
+        text = card.read_text(encoding="utf-8")
+        updated = _PLACEHOLDER_REPO_ID.sub(repo_id, text)
+        if updated != text:
+            card.write_text(updated, encoding="utf-8")
+
+
 def push_to_hub(
     model_dir: str | os.PathLike,
     repo_id: str,
@@ -370,6 +414,8 @@ def push_to_hub(
             anonymously).
         FileNotFoundError / ValueError: `model_dir` is not a saved SAD student (see `check_saved_student`), or a file
             in it contains the token.
+
+    A card written before the repo id was known (`your-username/<name>` in its usage snippet) gets the real id.
     """
     folder = check_saved_student(model_dir)
     token = token or get_token()
@@ -383,6 +429,7 @@ def push_to_hub(
     if leaked := _files_containing(folder, files_to_upload(folder), token):
         raise ValueError(f"Refusing to upload: these files contain your Hub token: {', '.join(leaked)}.")
 
+    _write_repo_id_into_card(folder / "README.md", repo_id)
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None:

@@ -14,7 +14,7 @@
 """Image processor of the SAD detector: resize, normalise and pad images, convert COCO annotations, post-process.
 
 This file is copied next to saved weights and loaded with `trust_remote_code=True` where `hf_sad` is not installed, so
-it imports only torch, torchvision, numpy, PIL and transformers.
+it imports only torch, torchvision, numpy, PIL, transformers and its flat sibling `box_ops`.
 """
 
 import math
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, box_convert
+from torchvision.ops import box_convert
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import get_size_with_aspect_ratio, group_images_by_shape, reorder_images
@@ -39,6 +39,8 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType, logging
+
+from .box_ops import select_detections
 
 logger = logging.get_logger(__name__)
 
@@ -492,10 +494,11 @@ class SADImageProcessor(TorchvisionBackend):
         Turn raw model outputs into per-image detections: sigmoid scores, top-k candidates, class-wise NMS.
 
         Args:
-            outputs (`SADObjectDetectionOutput` or `dict`):
+            outputs (`SADObjectDetectionOutput`, or any object or mapping with `logits` and `pred_boxes`):
                 Model outputs with `logits` `(batch_size, num_anchors, num_classes)` (raw sigmoid logits) and
                 `pred_boxes` `(batch_size, num_anchors, 4)` (normalised cx,cy,w,h relative to each image's valid,
-                unpadded region).
+                unpadded region). A dataclass of its own with these two attributes works too, as in transformers'
+                object-detection example.
             threshold (`float`, *optional*, defaults to 0.5):
                 Minimum score of a detection (strictly greater), as in `pipeline("object-detection")`. `None` uses
                 `self.score_threshold` (0.05 by default, the usual value for mAP evaluation).
@@ -513,7 +516,10 @@ class SADImageProcessor(TorchvisionBackend):
             int64 `(k,)` and `boxes` float32 `(k, 4)` x1,y1,x2,y2: absolute pixels clipped to `[0, width] x [0,
             height]` with `target_sizes`, else normalised and clipped to `[0, 1]`.
         """
-        logits, pred_boxes = outputs["logits"], outputs["pred_boxes"]
+        if isinstance(outputs, Mapping):
+            logits, pred_boxes = outputs["logits"], outputs["pred_boxes"]
+        else:
+            logits, pred_boxes = outputs.logits, outputs.pred_boxes
         if target_sizes is not None and len(target_sizes) != len(logits):
             raise ValueError(
                 f"Got {len(target_sizes)} target sizes for a batch of {len(logits)} images; give one (height, width) "
@@ -537,108 +543,3 @@ class SADImageProcessor(TorchvisionBackend):
             for detection, (height, width) in zip(detections, sizes):
                 detection["boxes"] = detection["boxes"] * torch.stack([width, height, width, height])
         return detections
-
-
-def select_detections(
-    scores: torch.Tensor,
-    boxes: torch.Tensor,
-    *,
-    score_threshold: float = 0.05,
-    nms_iou_threshold: float = 0.5,
-    pre_nms_top_k: int | None = 1000,
-    max_detections: int | None = 100,
-) -> list[dict[str, torch.Tensor]]:
-    """
-    Select detections from dense per-anchor, per-class scores, for a whole batch at once.
-
-    Per image, the `pre_nms_top_k` highest (anchor, class) scores are taken (a `torch.topk` over anchors by their best
-    class, then one over the flattened scores of those anchors, batched over images), those above `score_threshold`
-    are kept, then one `torchvision.ops.batched_nms` runs over the whole batch with group
-    `image_index * num_classes + label`, so that neither different images nor different classes suppress each other.
-    Finally the `max_detections` highest-scoring survivors of each image are kept. As in torchvision's RetinaNet an
-    anchor may yield several detections, one per class whose score qualifies.
-
-    Args:
-        scores (`torch.Tensor` of shape `(batch_size, num_anchors, num_classes)`):
-            Probabilities (e.g. sigmoid of the logits).
-        boxes (`torch.Tensor` of shape `(batch_size, num_anchors, 4)`):
-            x1,y1,x2,y2 boxes of the anchors, in any units (normalised or absolute); returned in the same units.
-        score_threshold (`float`):
-            Candidates need a score strictly greater than this.
-        nms_iou_threshold (`float`):
-            A candidate is suppressed by a higher-scoring one of the same image and class with IoU above this.
-        pre_nms_top_k (`int`, *optional*):
-            Candidates per image entering NMS; `None` for all.
-        max_detections (`int`, *optional*):
-            Detections kept per image; `None` for all.
-
-    Returns:
-        `list[dict[str, torch.Tensor]]`: one dict per image, sorted by decreasing score: `scores` `(k,)` (dtype of
-        `scores`), `labels` int64 `(k,)` (class index), `boxes` `(k, 4)` x1,y1,x2,y2 (dtype and units of `boxes`).
-    """
-    if scores.ndim != 3 or boxes.shape != (*scores.shape[:2], 4):
-        raise ValueError(
-            "`scores` must be (batch_size, num_anchors, num_classes) and `boxes` (batch_size, num_anchors, 4); got "
-            f"{tuple(scores.shape)} and {tuple(boxes.shape)}."
-        )
-    batch_size, num_anchors, num_classes = scores.shape
-    if pre_nms_top_k is not None and pre_nms_top_k < num_anchors:
-        # The k best (anchor, class) scores lie on the k anchors with the best top-class scores, so a top-k over
-        # anchors shrinks the top-k below from N * C to k * C scores (at 512 px with 80 classes, 3.9M to 80k).
-        _, best_anchors = scores.amax(dim=2).topk(pre_nms_top_k, dim=1)
-        scores = scores.gather(1, best_anchors.unsqueeze(-1).expand(-1, -1, num_classes))
-        boxes = boxes.gather(1, best_anchors.unsqueeze(-1).expand(-1, -1, 4))
-        num_anchors = pre_nms_top_k
-    num_candidates = num_anchors * num_classes
-    if pre_nms_top_k is not None:
-        num_candidates = min(pre_nms_top_k, num_candidates)
-
-    top_scores, flat_index = scores.flatten(1).topk(num_candidates, dim=1)
-    anchor_index = flat_index // num_classes
-    top_labels = flat_index % num_classes
-    top_boxes = boxes.gather(1, anchor_index.unsqueeze(-1).expand(-1, -1, 4))
-    top_images = torch.arange(batch_size, device=scores.device).unsqueeze(1).expand_as(flat_index)
-
-    above = top_scores > score_threshold
-    cand_scores, cand_labels, cand_boxes, cand_images = (
-        top_scores[above],
-        top_labels[above],
-        top_boxes[above],
-        top_images[above],
-    )
-    nms_boxes = _boxes_for_nms(cand_boxes)
-    kept = batched_nms(
-        nms_boxes, cand_scores.to(nms_boxes.dtype), cand_images * num_classes + cand_labels, nms_iou_threshold
-    )
-
-    # `kept` is sorted by decreasing score over the whole batch; a stable sort by image keeps that order per image.
-    kept_images, order = torch.sort(cand_images[kept], stable=True)
-    kept = kept[order]
-    counts = torch.bincount(kept_images, minlength=batch_size)
-    if max_detections is not None:
-        rank_in_image = torch.arange(len(kept), device=kept.device) - (counts.cumsum(0) - counts)[kept_images]
-        kept = kept[rank_in_image < max_detections]
-        counts = counts.clamp(max=max_detections)
-
-    counts = counts.tolist()
-    return [
-        {"scores": image_scores, "labels": image_labels, "boxes": image_boxes}
-        for image_scores, image_labels, image_boxes in zip(
-            cand_scores[kept].split(counts), cand_labels[kept].split(counts), cand_boxes[kept].split(counts)
-        )
-    ]
-
-
-def _boxes_for_nms(boxes: torch.Tensor) -> torch.Tensor:
-    """
-    Copy of `boxes` safe for `batched_nms`'s coordinate trick, which offsets each group by `group * (max + 1)`.
-
-    With thousands of groups that offset makes fp32 coordinates lose precision, and a negative coordinate would let
-    groups overlap; float64 (where the device has it) and a shift to non-negative coordinates (IoU is shift-invariant)
-    avoid both.
-    """
-    dtype = torch.float32 if boxes.device.type == "mps" else torch.float64
-    boxes = boxes.to(dtype)
-    if boxes.numel():
-        boxes = boxes - boxes.min().clamp(max=0)
-    return boxes

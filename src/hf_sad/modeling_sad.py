@@ -1,165 +1,31 @@
 """SAD detector: a RetinaNet-style single-stage detector on any timm backbone, as a transformers model.
 
-timm backbone -> feature pyramid P`min_level`..P`max_level` -> shared classification and box heads, with anchors,
-box coding and anchor matching as small separately testable functions. Anchors are computed in `forward` (cached per
-feature size) rather than stored as buffers, so that `from_pretrained`'s meta-device construction never leaves them
-uninitialised.
+timm backbone -> feature pyramid P`min_level`..P`max_level` -> shared classification and box heads. Anchors, box
+coding and matching live in `box_ops.py`, the supervised loss in `detection_loss.py`. Anchors are computed in `forward`
+(cached per feature size) rather than stored as buffers, so that `from_pretrained`'s meta-device construction never
+leaves them uninitialised.
 
 This file is copied next to saved weights for `trust_remote_code` loading: it imports only torch, torchvision, timm,
-transformers and the flat sibling `configuration_sad`.
+transformers and its flat siblings.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .box_ops import AnchorAssignment, decode_boxes, encode_boxes, make_anchors, make_cell_anchors, match_anchors
 from .configuration_sad import SADConfig
-
-# Largest box-delta exponent, as in torchvision/Detectron: keeps exp() finite for wild early predictions.
-_MAX_DELTA_LOG = math.log(1000.0 / 16)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Anchors, box coding and matching
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def make_cell_anchors(base_size: float, scales: list[float], aspect_ratios: list[float]) -> torch.Tensor:
-    """Anchors of one location, centred on (0, 0).
-
-    Returns:
-        (A, 4) xyxy in pixels, A = len(scales) * len(aspect_ratios), ordered scale-major.
-    """
-    sizes = torch.tensor([base_size * s for s in scales], dtype=torch.float64)
-    ratios = torch.tensor(aspect_ratios, dtype=torch.float64)  # height / width
-    widths = (sizes[:, None] / ratios.sqrt()[None, :]).reshape(-1)
-    heights = (sizes[:, None] * ratios.sqrt()[None, :]).reshape(-1)
-    return torch.stack([-widths, -heights, widths, heights], dim=1).div(2).float()
-
-
-def make_anchors(
-    spatial_shapes: list[tuple[int, int]],
-    strides: list[int],
-    cell_anchors: list[torch.Tensor],
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """All anchors of all pyramid levels, in the order the heads emit their predictions.
-
-    Args:
-        spatial_shapes: (height, width) of each level's feature map.
-        strides: stride in pixels of each level.
-        cell_anchors: per level, (A, 4) xyxy anchors of one location centred on (0, 0).
-
-    Returns:
-        (N, 4) xyxy absolute pixel coordinates on the (padded) input, N = sum_l H_l * W_l * A, ordered by level, then
-        row, column, anchor. Anchor centres sit at the centres of the feature cells, ((x + 0.5) * stride, ...).
-    """
-    anchors = []
-    for (height, width), stride, cell in zip(spatial_shapes, strides, cell_anchors):
-        ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
-        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
-        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-        centres = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)
-        anchors.append((centres + cell.to(device)[None]).reshape(-1, 4))
-    return torch.cat(anchors)
-
-
-def encode_boxes(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """RetinaNet box deltas (dx, dy, dw, dh) of `boxes` relative to `anchors` (both (..., 4) xyxy, same units)."""
-    anchor_wh = anchors[..., 2:] - anchors[..., :2]
-    anchor_ctr = anchors[..., :2] + 0.5 * anchor_wh
-    box_wh = boxes[..., 2:] - boxes[..., :2]
-    box_ctr = boxes[..., :2] + 0.5 * box_wh
-    return torch.cat([(box_ctr - anchor_ctr) / anchor_wh, torch.log(box_wh / anchor_wh)], dim=-1)
-
-
-def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """Inverse of `encode_boxes`: (..., 4) deltas and (..., 4) xyxy anchors -> (..., 4) xyxy boxes."""
-    anchor_wh = anchors[..., 2:] - anchors[..., :2]
-    anchor_ctr = anchors[..., :2] + 0.5 * anchor_wh
-    ctr = anchor_ctr + deltas[..., :2] * anchor_wh
-    wh = anchor_wh * torch.exp(deltas[..., 2:].clamp(max=_MAX_DELTA_LOG))
-    return torch.cat([ctr - 0.5 * wh, ctr + 0.5 * wh], dim=-1)
-
-
-class AnchorAssignment(NamedTuple):
-    """Result of `match_anchors` for a batch.
-
-    Attributes:
-        labels: (B, N) int64; 1 = positive, 0 = negative (background), -1 = ignored (IoU between the thresholds).
-        matched_idx: (B, N) int64 index of the matched box in that image's box list (0 where not positive).
-    """
-
-    labels: torch.Tensor
-    matched_idx: torch.Tensor
-
-
-def match_anchors(
-    anchors: torch.Tensor,
-    boxes: list[torch.Tensor],
-    fg_iou_threshold: float = 0.5,
-    bg_iou_threshold: float = 0.4,
-    allow_low_quality_matches: bool = True,
-) -> AnchorAssignment:
-    """Assign each anchor to at most one box, for the whole batch at once.
-
-    One `box_iou` over all images' boxes against the anchors replaces torchvision's per-image loop; the IoU rows are
-    then scattered into a (B, M_max, N) matrix padded with -1, so images with fewer (or no) boxes need no special case.
-
-    Args:
-        anchors: (N, 4) xyxy absolute pixels.
-        boxes: per image, (M_i, 4) xyxy absolute pixels (M_i may be 0).
-        fg_iou_threshold: IoU >= this makes a positive.
-        bg_iou_threshold: IoU < this to every box makes a negative; IoU in between is ignored.
-        allow_low_quality_matches: also make positive every anchor that is a box's best match (ties included), so
-            small or oddly shaped boxes are never left without a positive anchor.
-    """
-    batch_size, num_anchors, device = len(boxes), anchors.shape[0], anchors.device
-    counts = [b.shape[0] for b in boxes]
-    max_boxes = max(counts, default=0)
-    if max_boxes == 0:
-        zeros = torch.zeros(batch_size, num_anchors, dtype=torch.long, device=device)
-        return AnchorAssignment(zeros, zeros.clone())
-
-    iou = box_iou(torch.cat(boxes).to(anchors), anchors)  # (sum M_i, N)
-    rows = torch.cat([i * max_boxes + torch.arange(m, device=device) for i, m in enumerate(counts)])
-    padded = iou.new_full((batch_size * max_boxes, num_anchors), -1.0)
-    padded[rows] = iou
-    padded = padded.view(batch_size, max_boxes, num_anchors)
-
-    best_iou, matched_idx = padded.max(dim=1)  # (B, N)
-    labels = torch.full_like(matched_idx, -1)
-    labels[best_iou < bg_iou_threshold] = 0
-    labels[best_iou >= fg_iou_threshold] = 1
-    if allow_low_quality_matches:
-        best_per_box = padded.max(dim=2, keepdim=True).values  # (B, M, 1)
-        is_best = (padded == best_per_box) & (best_per_box > 0)
-        labels[is_best.any(dim=1)] = 1
-    matched_idx = torch.where(labels == 1, matched_idx, torch.zeros_like(matched_idx))
-    return AnchorAssignment(labels, matched_idx)
-
-
-def pad_boxes(boxes: list[torch.Tensor], classes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack per-image boxes (M_i, 4) and classes (M_i,) into zero-padded (B, M, 4) and (B, M), M = max(1, max M_i)."""
-    max_boxes = max(1, max((b.shape[0] for b in boxes), default=0))
-    padded_boxes = boxes[0].new_zeros(len(boxes), max_boxes, 4)
-    padded_classes = torch.zeros(len(boxes), max_boxes, dtype=torch.long, device=boxes[0].device)
-    for i, (b, c) in enumerate(zip(boxes, classes)):
-        padded_boxes[i, : b.shape[0]] = b
-        padded_classes[i, : c.shape[0]] = c
-    return padded_boxes, padded_classes
-
+from .detection_loss import detection_loss
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Network
@@ -401,88 +267,6 @@ class SADForObjectDetection(SADPreTrainedModel):
             self._anchor_cache[key] = make_anchors(spatial_shapes, self.strides, cells, device)
         return self._anchor_cache[key]
 
-    def assign_anchors(
-        self, anchors: torch.Tensor, labels: list[dict[str, torch.Tensor]], image_sizes: torch.Tensor
-    ) -> AnchorAssignment:
-        """Match anchors to the boxes of `labels` (the transformers detection format, normalised cxcywh).
-
-        Used for the supervised loss and by distillation to mask anchors in the ignore band, for ground-truth and
-        pseudo boxes alike.
-        """
-        return match_anchors(
-            anchors,
-            [_absolute_xyxy(t["boxes"], size) for t, size in zip(labels, image_sizes)],
-            self.config.fg_iou_threshold,
-            self.config.bg_iou_threshold,
-            self.config.allow_low_quality_matches,
-        )
-
-    def detection_loss(
-        self,
-        logits: torch.Tensor,
-        box_regression: torch.Tensor,
-        anchors: torch.Tensor,
-        labels: list[dict[str, torch.Tensor]],
-        image_sizes: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], AnchorAssignment]:
-        """Sigmoid focal loss + box loss, each summed and divided by the number of positive anchors.
-
-        Args:
-            logits: (B, N, C) classification logits.
-            box_regression: (B, N, 4) predicted deltas.
-            anchors: (N, 4) xyxy absolute pixels.
-            labels: per image `{"class_labels": (M,) int64, "boxes": (M, 4) normalised cxcywh}`.
-            image_sizes: (B, 2) valid (height, width) of each image in pixels.
-
-        Returns:
-            The loss, `{"loss_cls", "loss_box", "num_positives"}` detached, and the anchor assignment.
-        """
-        _check_labels(labels, self.config.num_labels)
-        assignment = self.assign_anchors(anchors, labels, image_sizes)
-        positive = assignment.labels == 1
-        num_positives = _num_positives(assignment, self.config.sync_num_positives)
-
-        _, padded_classes = pad_boxes([t["boxes"] for t in labels], [t["class_labels"].long() for t in labels])
-        matched_classes = padded_classes.gather(1, assignment.matched_idx)
-        logits = logits.float()
-        cls_targets = torch.zeros_like(logits)
-        cls_targets[positive] = F.one_hot(matched_classes[positive], logits.shape[-1]).to(logits.dtype)
-        focal = sigmoid_focal_loss(
-            logits, cls_targets, alpha=self.config.focal_alpha, gamma=self.config.focal_gamma, reduction="none"
-        )
-        loss_cls = (focal * (assignment.labels >= 0).unsqueeze(-1)).sum() / num_positives
-        loss_box = self.box_loss(box_regression, anchors, labels, image_sizes, assignment, num_positives)
-
-        loss = loss_cls + self.config.box_loss_weight * loss_box
-        loss_dict = {"loss_cls": loss_cls.detach(), "loss_box": loss_box.detach(), "num_positives": num_positives}
-        return loss, loss_dict, assignment
-
-    def box_loss(
-        self,
-        box_regression: torch.Tensor,
-        anchors: torch.Tensor,
-        labels: list[dict[str, torch.Tensor]],
-        image_sizes: torch.Tensor,
-        assignment: AnchorAssignment,
-        num_positives: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Box loss of the positive anchors of `assignment` against their matched boxes, summed and divided by
-        `num_positives` (default: the batch's positives). Arguments as in `detection_loss`; `assignment` comes from
-        `assign_anchors`."""
-        gt_boxes = [_absolute_xyxy(t["boxes"], size) for t, size in zip(labels, image_sizes)]
-        padded_boxes, _ = pad_boxes(gt_boxes, [t["class_labels"].long() for t in labels])
-        batch_idx, anchor_idx = (assignment.labels == 1).nonzero(as_tuple=True)
-        matched_boxes = padded_boxes[batch_idx, assignment.matched_idx[batch_idx, anchor_idx]]
-        pos_anchors, pos_deltas = anchors[anchor_idx], box_regression[batch_idx, anchor_idx].float()
-        if self.config.box_loss == "giou":
-            loss_box = generalized_box_iou_loss(decode_boxes(pos_deltas, pos_anchors), matched_boxes, reduction="sum")
-        else:
-            target = encode_boxes(matched_boxes, pos_anchors)
-            loss_box = F.smooth_l1_loss(pos_deltas, target, beta=self.config.smooth_l1_beta, reduction="sum")
-        if num_positives is None:
-            num_positives = _num_positives(assignment, self.config.sync_num_positives)
-        return loss_box / num_positives
-
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -492,9 +276,11 @@ class SADForObjectDetection(SADPreTrainedModel):
         r"""
         Args:
             pixel_values: (B, 3, H, W) normalised images, padded bottom/right (see `SADImageProcessor`).
-            pixel_mask: (B, H, W), 1 on real pixels and 0 on padding. Without it every pixel is real.
+            pixel_mask: (B, H, W), 1 on real pixels and 0 on padding. Without it, each image's valid region is the
+                `size` of its labels when they have one (as `SADImageProcessor` writes them), else the whole input.
             labels: per image `{"class_labels": (M,) int64, "boxes": (M, 4) float}` with boxes normalised cx, cy, w, h
-                relative to the image's valid region. An image with no boxes is a valid negative.
+                relative to the image's valid region, and optionally `size` (2,) = its (height, width) in pixels
+                before padding. An image with no boxes is a valid negative.
         """
         pyramid = self.pyramid(self.backbone(pixel_values))
         logits = self.class_head(pyramid)
@@ -502,13 +288,13 @@ class SADForObjectDetection(SADPreTrainedModel):
 
         spatial_shapes = [tuple(f.shape[-2:]) for f in pyramid]
         anchors = self.anchors_for(spatial_shapes, pixel_values.device)
-        image_sizes = _valid_sizes(pixel_values, pixel_mask)
+        image_sizes = valid_sizes(pixel_values, pixel_mask, labels)
         boxes = box_convert(decode_boxes(box_regression.float(), anchors), "xyxy", "cxcywh")
         pred_boxes = boxes / image_sizes.flip(-1).repeat(1, 2)[:, None, :]
 
         loss = loss_dict = None
         if labels is not None:
-            loss, loss_dict, _ = self.detection_loss(logits, box_regression, anchors, labels, image_sizes)
+            loss, loss_dict, _ = detection_loss(logits, box_regression, anchors, labels, image_sizes, self.config)
         return SADObjectDetectionOutput(
             loss=loss,
             loss_dict=loss_dict,
@@ -521,55 +307,26 @@ class SADForObjectDetection(SADPreTrainedModel):
         )
 
 
-def _valid_sizes(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, 2) float (height, width) of each image's unpadded region (padding is at the bottom/right)."""
+def valid_sizes(
+    pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, labels: list[dict[str, torch.Tensor]] | None = None
+) -> torch.Tensor:
+    """(B, 2) float (height, width) in pixels of each image's unpadded region (padding is at the bottom/right).
+
+    From `pixel_mask` when given; else from the labels' `size` (the processor's size before padding), so that boxes
+    and training targets are the same whether or not a caller drops the mask (as transformers' object-detection
+    example does); else the whole input.
+    """
     batch, _, height, width = pixel_values.shape
-    if pixel_mask is None:
-        return pixel_values.new_tensor([height, width], dtype=torch.float32).expand(batch, 2)
-    heights = pixel_mask[:, :, 0].sum(dim=1)
-    widths = pixel_mask[:, 0, :].sum(dim=1)
-    return torch.stack([heights, widths], dim=1).float()
+    if pixel_mask is not None:
+        heights = pixel_mask[:, :, 0].sum(dim=1)
+        widths = pixel_mask[:, 0, :].sum(dim=1)
+        return torch.stack([heights, widths], dim=1).float()
+    if labels is not None and all("size" in target for target in labels):
+        return torch.stack([torch.as_tensor(t["size"], device=pixel_values.device) for t in labels]).float()
+    return pixel_values.new_tensor([height, width], dtype=torch.float32).expand(batch, 2)
 
 
-def _absolute_xyxy(boxes: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """(M, 4) normalised cxcywh -> (M, 4) xyxy absolute pixels, for an image of `size` = (height, width)."""
-    scale = size.flip(-1).repeat(2).to(boxes.device)
-    return box_convert(boxes.float() * scale, "cxcywh", "xyxy")
-
-
-def _check_labels(labels: list[dict[str, torch.Tensor]], num_labels: int) -> None:
-    for i, target in enumerate(labels):
-        missing = {"class_labels", "boxes"} - set(target)
-        if missing:
-            raise ValueError(f"labels[{i}] lacks {sorted(missing)}; expected keys 'class_labels' and 'boxes'.")
-        boxes, classes = target["boxes"], target["class_labels"]
-        if boxes.ndim != 2 or boxes.shape[-1] != 4 or classes.shape[0] != boxes.shape[0]:
-            raise ValueError(
-                f"labels[{i}]: boxes must be (M, 4) and class_labels (M,), got {tuple(boxes.shape)} and "
-                f"{tuple(classes.shape)}."
-            )
-        if classes.numel() and (classes.min() < 0 or classes.max() >= num_labels):
-            raise ValueError(
-                f"labels[{i}]: class id {classes.max().item() if classes.max() >= num_labels else classes.min().item()}"
-                f" is outside the model's {num_labels} classes (0..{num_labels - 1})."
-            )
-        if not torch.isfinite(boxes).all():
-            raise ValueError(f"labels[{i}]: boxes contain NaN or inf coordinates.")
-
-
-def _num_positives(assignment: AnchorAssignment, sync: bool) -> torch.Tensor:
-    """Positive anchors of the batch (averaged over processes when `sync`), at least 1: the losses' divisor."""
-    return _mean_across_processes((assignment.labels == 1).sum().float(), sync).clamp(min=1.0)
-
-
-def _mean_across_processes(value: torch.Tensor, enabled: bool) -> torch.Tensor:
-    if enabled and torch.distributed.is_available() and torch.distributed.is_initialized():
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value = value / torch.distributed.get_world_size()
-    return value
-
-
+# The box operations lived here before `box_ops.py`; they stay importable from here.
 __all__ = [
     "AnchorAssignment",
     "SADForObjectDetection",
@@ -580,4 +337,5 @@ __all__ = [
     "make_anchors",
     "make_cell_anchors",
     "match_anchors",
+    "valid_sizes",
 ]

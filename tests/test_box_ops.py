@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from hf_sad.modeling_sad import decode_boxes, encode_boxes, make_anchors, make_cell_anchors, match_anchors
+from hf_sad.box_ops import decode_boxes, encode_boxes, make_anchors, make_cell_anchors, match_anchors
 
 
 def random_boxes(n: int, size: float = 200.0, generator=None) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""The supervised loss of the SAD detector: anchor matching, sigmoid focal loss and box regression loss.
+
+As transformers keeps `loss/loss_for_object_detection.py` beside its detection models, the detector's training
+targets live here: `SADForObjectDetection.forward` calls `detection_loss` when given labels, and distillation calls the
+same functions for pseudo-boxes. Labels use the transformers detection format: per image `{"class_labels": (M,) int64,
+"boxes": (M, 4) normalised cxcywh}` relative to the image's valid (unpadded) region.
+
+This file is copied next to saved weights for `trust_remote_code` loading: it imports only torch, torchvision and its
+flat siblings.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+from .box_ops import AnchorAssignment, absolute_xyxy, decode_boxes, encode_boxes, match_anchors, pad_boxes
+from .configuration_sad import SADConfig
+
+__all__ = ["DetectionLossOutput", "assign_anchors", "box_loss", "check_labels", "detection_loss", "num_positives"]
+
+
+class DetectionLossOutput(NamedTuple):
+    """Result of `detection_loss`.
+
+    Attributes:
+        loss: scalar fp32, focal loss + `box_loss_weight` x box loss.
+        loss_dict: `{"loss_cls", "loss_box", "num_positives"}`, detached scalars.
+        assignment: the anchor assignment the loss used (for ignore masks and pseudo-box losses).
+    """
+
+    loss: torch.Tensor
+    loss_dict: dict[str, torch.Tensor]
+    assignment: AnchorAssignment
+
+
+def assign_anchors(
+    anchors: torch.Tensor, labels: list[dict[str, torch.Tensor]], image_sizes: torch.Tensor, config: SADConfig
+) -> AnchorAssignment:
+    """Match anchors ((N, 4) xyxy absolute pixels) to the boxes of `labels` (normalised cxcywh, images of valid
+    (height, width) `image_sizes`), with the config's IoU thresholds.
+
+    Used for the supervised loss and by distillation to mask anchors in the ignore band, for ground-truth and pseudo
+    boxes alike.
+    """
+    return match_anchors(
+        anchors,
+        [absolute_xyxy(t["boxes"], size) for t, size in zip(labels, image_sizes)],
+        config.fg_iou_threshold,
+        config.bg_iou_threshold,
+        config.allow_low_quality_matches,
+    )
+
+
+def detection_loss(
+    logits: torch.Tensor,
+    box_regression: torch.Tensor,
+    anchors: torch.Tensor,
+    labels: list[dict[str, torch.Tensor]],
+    image_sizes: torch.Tensor,
+    config: SADConfig,
+) -> DetectionLossOutput:
+    """Sigmoid focal loss + box loss, each summed and divided by the number of positive anchors.
+
+    Args:
+        logits: (B, N, C) classification logits.
+        box_regression: (B, N, 4) predicted deltas.
+        anchors: (N, 4) xyxy absolute pixels.
+        labels: per image `{"class_labels": (M,) int64, "boxes": (M, 4) normalised cxcywh}`.
+        image_sizes: (B, 2) valid (height, width) of each image in pixels.
+        config: the detector's config (IoU thresholds, focal and box loss settings).
+    """
+    check_labels(labels, config.num_labels)
+    assignment = assign_anchors(anchors, labels, image_sizes, config)
+    positive = assignment.labels == 1
+    divisor = num_positives(assignment, config.sync_num_positives)
+
+    _, padded_classes = pad_boxes([t["boxes"] for t in labels], [t["class_labels"].long() for t in labels])
+    matched_classes = padded_classes.gather(1, assignment.matched_idx)
+    logits = logits.float()
+    cls_targets = torch.zeros_like(logits)
+    cls_targets[positive] = F.one_hot(matched_classes[positive], logits.shape[-1]).to(logits.dtype)
+    focal = sigmoid_focal_loss(
+        logits, cls_targets, alpha=config.focal_alpha, gamma=config.focal_gamma, reduction="none"
+    )
+    loss_cls = (focal * (assignment.labels >= 0).unsqueeze(-1)).sum() / divisor
+    loss_box = box_loss(box_regression, anchors, labels, image_sizes, assignment, config, divisor)
+
+    loss = loss_cls + config.box_loss_weight * loss_box
+    loss_dict = {"loss_cls": loss_cls.detach(), "loss_box": loss_box.detach(), "num_positives": divisor}
+    return DetectionLossOutput(loss, loss_dict, assignment)
+
+
+def box_loss(
+    box_regression: torch.Tensor,
+    anchors: torch.Tensor,
+    labels: list[dict[str, torch.Tensor]],
+    image_sizes: torch.Tensor,
+    assignment: AnchorAssignment,
+    config: SADConfig,
+    divisor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Box loss (smooth-L1 on deltas or GIoU on decoded boxes) of the positive anchors of `assignment` against their
+    matched boxes, summed and divided by `divisor` (default: the batch's positives). Arguments as in
+    `detection_loss`; `assignment` comes from `assign_anchors`."""
+    gt_boxes = [absolute_xyxy(t["boxes"], size) for t, size in zip(labels, image_sizes)]
+    padded_boxes, _ = pad_boxes(gt_boxes, [t["class_labels"].long() for t in labels])
+    batch_idx, anchor_idx = (assignment.labels == 1).nonzero(as_tuple=True)
+    matched_boxes = padded_boxes[batch_idx, assignment.matched_idx[batch_idx, anchor_idx]]
+    pos_anchors, pos_deltas = anchors[anchor_idx], box_regression[batch_idx, anchor_idx].float()
+    if config.box_loss == "giou":
+        loss = generalized_box_iou_loss(decode_boxes(pos_deltas, pos_anchors), matched_boxes, reduction="sum")
+    else:
+        target = encode_boxes(matched_boxes, pos_anchors)
+        loss = F.smooth_l1_loss(pos_deltas, target, beta=config.smooth_l1_beta, reduction="sum")
+    if divisor is None:
+        divisor = num_positives(assignment, config.sync_num_positives)
+    return loss / divisor
+
+
+def num_positives(assignment: AnchorAssignment, sync: bool) -> torch.Tensor:
+    """Positive anchors of the batch (averaged over processes when `sync`), at least 1: the losses' divisor."""
+    count = (assignment.labels == 1).sum().float()
+    if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = count.clone()
+        torch.distributed.all_reduce(count)
+        count = count / torch.distributed.get_world_size()
+    return count.clamp(min=1.0)
+
+
+def check_labels(labels: list[dict[str, torch.Tensor]], num_labels: int) -> None:
+    """Raise a ValueError naming the image (its index in the batch) whose labels are malformed."""
+    for i, target in enumerate(labels):
+        missing = {"class_labels", "boxes"} - set(target)
+        if missing:
+            raise ValueError(f"labels[{i}] lacks {sorted(missing)}; expected keys 'class_labels' and 'boxes'.")
+        boxes, classes = target["boxes"], target["class_labels"]
+        if boxes.ndim != 2 or boxes.shape[-1] != 4 or classes.shape[0] != boxes.shape[0]:
+            raise ValueError(
+                f"labels[{i}]: boxes must be (M, 4) and class_labels (M,), got {tuple(boxes.shape)} and "
+                f"{tuple(classes.shape)}."
+            )
+        if classes.numel() and (classes.min() < 0 or classes.max() >= num_labels):
+            raise ValueError(
+                f"labels[{i}]: class id {classes.max().item() if classes.max() >= num_labels else classes.min().item()}"
+                f" is outside the model's {num_labels} classes (0..{num_labels - 1})."
+            )
+        if not torch.isfinite(boxes).all():
+            raise ValueError(f"labels[{i}]: boxes contain NaN or inf coordinates.")

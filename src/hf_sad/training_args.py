@@ -1,0 +1,260 @@
+"""Arguments of detection training and of SAD distillation, as TRL keeps its `*Config` beside each trainer.
+
+- `DistillationArguments`: what the SAD loss needs (loss kind, ADL settings, weights, pseudo-boxes). A plain dataclass,
+  so that `hf_sad.distillation.sad_loss` can be called without a Trainer.
+- `DetectionTrainingArguments`: `transformers.TrainingArguments` with the augmentation and bad-data settings and the
+  defaults detection needs (what `hf-sad train` parses).
+- `SADTrainingArguments`: both (what `SADTrainer` and `hf-sad distill` take).
+
+The settings of this package are mixin dataclasses placed after `TrainingArguments` among the bases: dataclass fields
+are collected in reverse method resolution order, so they come first in `--help`, before the ~100 inherited flags.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+__all__ = ["DISTILL_LOSSES", "DetectionTrainingArguments", "DistillationArguments", "SADTrainingArguments"]
+
+DISTILL_LOSSES = ("adl", "kl", "fdl", "hard", "none")
+ADL_VARIANTS = ("paper", "released")
+DISTILL_NORMALIZERS = ("adaptive", "positives")
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _fail(owner: object, name: str, expected: str) -> None:
+    raise ValueError(f"{type(owner).__name__}.{name}={getattr(owner, name)!r} is invalid: expected {expected}.")
+
+
+@dataclass
+class DistillationArguments:
+    r"""
+    Settings of the SAD loss (`hf_sad.distillation.sad_loss`).
+
+    Parameters:
+        distill_loss (`str`, *optional*, defaults to `"adl"`):
+            `"adl"`: Adaptive Distillation Loss; `"kl"`: plain binary KL; `"fdl"`: focal distillation (hard-to-mimic
+            only, ADL with beta = 0); `"hard"`: teacher detections above `pseudo_label_threshold` as hard targets on
+            unlabeled images (data distillation); `"none"`: supervised training only (a baseline; no teacher needed).
+        adl_beta (`float`, *optional*, defaults to 1.0):
+            ADL weight of the teacher's entropy (hard-to-learn samples), in the paper's sense.
+        adl_gamma (`float`, *optional*, defaults to 2.0):
+            ADL focusing exponent.
+        adl_variant (`str`, *optional*, defaults to `"paper"`):
+            `"paper"` (weight x KL) or `"released"` (weight x alpha-balanced soft cross-entropy, as the original code).
+        distill_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature applied to both logits; the loss is multiplied by its square.
+        distill_normalizer (`str`, *optional*, defaults to `"adaptive"`):
+            `"adaptive"`: max(1, sum of q ** `normalizer_power`) over the distilled anchors, a teacher-defined soft
+            count of positives that also exists on unlabeled images; `"positives"`: the number of positive anchors
+            (ground truth or pseudo-boxes), as RetinaNet normalises its focal loss.
+        normalizer_power (`float`, *optional*, defaults to 1.8):
+            Exponent of the adaptive normaliser.
+        labeled_distill_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the distillation term on labeled images.
+        unlabeled_distill_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the distillation term on unlabeled images.
+        unlabeled_ratio (`float`, *optional*, defaults to 0.5):
+            Share of unlabeled images in the training stream (0.5 alternates labeled and unlabeled, as the paper).
+            Ignored without an unlabeled dataset.
+        pseudo_label_threshold (`float`, *optional*, defaults to 0.5):
+            Teacher score above which a detection becomes a pseudo-box (for `"hard"`, and for the box loss and the
+            ignore mask on unlabeled images).
+        pseudo_box_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the box regression loss against the teacher's pseudo-boxes on unlabeled images (ADL, KL and
+            focal distillation; the soft targets train classification only, so without it the unlabeled images
+            teach no localisation). 0 disables it.
+        teacher_dtype (`str`, *optional*, defaults to `"auto"`):
+            Dtype of the teacher's weights: `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"` (bfloat16 with
+            `--bf16`, float16 with `--fp16`, else float32).
+    """
+
+    distill_loss: str = field(
+        default="adl", metadata={"help": "Distillation loss.", "choices": list(DISTILL_LOSSES)}
+    )
+    adl_beta: float = field(default=1.0, metadata={"help": "ADL weight of the teacher entropy (paper's beta)."})
+    adl_gamma: float = field(default=2.0, metadata={"help": "ADL focusing exponent."})
+    adl_variant: str = field(
+        default="paper",
+        metadata={"help": "'paper' (weight x KL) or 'released' (weight x soft CE).", "choices": list(ADL_VARIANTS)},
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
+    distill_normalizer: str = field(
+        default="adaptive",
+        metadata={"help": "Divisor of the distillation sum.", "choices": list(DISTILL_NORMALIZERS)},
+    )
+    normalizer_power: float = field(default=1.8, metadata={"help": "Exponent of the adaptive normaliser."})
+    labeled_distill_weight: float = field(default=1.0, metadata={"help": "Weight of distillation on labeled images."})
+    unlabeled_distill_weight: float = field(default=1.0, metadata={"help": "Weight of distillation on unlabeled data."})
+    unlabeled_ratio: float = field(default=0.5, metadata={"help": "Share of unlabeled images in the stream."})
+    pseudo_label_threshold: float = field(default=0.5, metadata={"help": "Teacher score threshold of pseudo-boxes."})
+    pseudo_box_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the box loss on teacher pseudo-boxes of unlabeled images."}
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={"help": "Dtype of the teacher's weights.", "choices": [*TEACHER_DTYPES, "auto"]},
+    )
+
+    def __post_init__(self):
+        self.validate_distillation()
+
+    def validate_distillation(self) -> None:
+        """Raise a ValueError naming the first distillation setting that is out of range."""
+        choices = {
+            "distill_loss": DISTILL_LOSSES,
+            "adl_variant": ADL_VARIANTS,
+            "distill_normalizer": DISTILL_NORMALIZERS,
+            "teacher_dtype": (*TEACHER_DTYPES, "auto"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                _fail(self, name, f"one of {allowed}")
+        for name in ("adl_beta", "adl_gamma", "labeled_distill_weight", "unlabeled_distill_weight"):
+            if getattr(self, name) < 0:
+                _fail(self, name, "a non-negative number")
+        for name in ("distill_temperature", "normalizer_power"):
+            if getattr(self, name) <= 0:
+                _fail(self, name, "a positive number")
+        if not 0 <= self.unlabeled_ratio < 1:
+            _fail(self, "unlabeled_ratio", "a share in [0, 1)")
+        if not 0 < self.pseudo_label_threshold < 1:
+            _fail(self, "pseudo_label_threshold", "a score strictly between 0 and 1")
+        if not (math.isfinite(self.pseudo_box_weight) and self.pseudo_box_weight >= 0):
+            _fail(self, "pseudo_box_weight", "a finite weight >= 0")
+
+
+@dataclass
+class DetectionArguments:
+    r"""
+    Augmentation of training images and the handling of bad data.
+
+    Parameters:
+        hflip_prob (`float`, *optional*, defaults to 0.5):
+            Probability of a horizontal flip of a training image.
+        scale_jitter (`list[float]`, *optional*, defaults to `[0.8, 1.2]`):
+            Range of the factor applied to the processor's target size for training images.
+        max_skipped_image_fraction (`float`, *optional*, defaults to 0.01):
+            Undecodable training images are skipped (and counted: `skipped_images` in the logs and the results); the
+            run stops with an error naming examples when more than this share of the images read was skipped.
+        min_images_before_skip_check (`int`, *optional*, defaults to 1000):
+            `max_skipped_image_fraction` is only judged once this many training images were read (all processes
+            together), so that one bad file early in a run does not stop it.
+        skip_bad_labeled_images (`bool`, *optional*, defaults to `False`):
+            Skip (and count) undecodable labeled images too; by default such an image is an error naming it.
+        max_consecutive_nonfinite_steps (`int`, *optional*, defaults to 10):
+            A step whose loss or gradients are NaN/inf is skipped (no weight, optimizer-state or BatchNorm update) and
+            counted (`nonfinite_steps`); this many such steps in a row stop the run with an error.
+    """
+
+    hflip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    scale_jitter: list[float] = field(default_factory=lambda: [0.8, 1.2], metadata={"help": "Scale jitter range."})
+    max_skipped_image_fraction: float = field(
+        default=0.01, metadata={"help": "Stop when more than this share of training images could not be decoded."}
+    )
+    min_images_before_skip_check: int = field(
+        default=1000, metadata={"help": "Judge max_skipped_image_fraction only after this many images were read."}
+    )
+    skip_bad_labeled_images: bool = field(
+        default=False, metadata={"help": "Skip undecodable labeled images instead of stopping with an error."}
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=10, metadata={"help": "Stop after this many consecutive steps with a NaN/inf loss (each is skipped)."}
+    )
+
+    def validate_detection(self) -> None:
+        """Raise a ValueError naming the first augmentation or bad-data setting that is out of range."""
+        if not 0 <= self.hflip_prob <= 1:
+            _fail(self, "hflip_prob", "a probability")
+        if len(self.scale_jitter) != 2 or not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
+            _fail(self, "scale_jitter", "two factors 0 < low <= high")
+        if not 0 <= self.max_skipped_image_fraction <= 1:
+            _fail(self, "max_skipped_image_fraction", "a share in [0, 1]")
+        if self.min_images_before_skip_check < 0:
+            _fail(self, "min_images_before_skip_check", "a non-negative number of images")
+        if self.max_consecutive_nonfinite_steps < 1:
+            _fail(self, "max_consecutive_nonfinite_steps", "a number of steps >= 1")
+
+
+@dataclass
+class DetectionTrainingArguments(TrainingArguments, DetectionArguments):
+    r"""
+    [`~transformers.TrainingArguments`] for detectors: everything it has, plus [`DetectionArguments`] (augmentation
+    and bad data), with defaults changed to what detection needs: all columns kept for the collator, per-batch
+    predictions for COCO mAP, the best checkpoint by mAP, every parameter used under DDP, and Hub pushes only at the
+    end (`SADTrainer.push_to_hub` uploads the finished model once; checkpoints, pickles and event files never).
+    """
+
+    # Its flags' group in `--help` (HfArgumentParser), listed after the command's data and model flags.
+    _argument_group_name = "training: augmentation and bad data, then transformers.TrainingArguments"
+
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all columns: the collator needs them."})
+    eval_do_concat_batches: bool = field(default=False, metadata={"help": "Per-batch predictions for COCO mAP."})
+    ddp_find_unused_parameters: bool = field(default=False, metadata={"help": "Every student parameter is used."})
+    label_names: list[str] = field(default_factory=lambda: ["labels"], metadata={"help": "Inputs holding labels."})
+    metric_for_best_model: str = field(default="map", metadata={"help": "Best checkpoint by COCO mAP."})
+    hub_strategy: str = field(
+        default="end", metadata={"help": "Only 'end': the finished model is pushed once, at the end of training."}
+    )
+
+    def __post_init__(self):
+        # Batches hold lists of per-image dicts: let every process read its own data instead of concatenating on
+        # rank 0 (which fails on such batches); accelerate then shards the stream by rank.
+        if self.accelerator_config is None:
+            self.accelerator_config = {"dispatch_batches": False}
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every loader otherwise
+        super().__post_init__()
+        self.validate_detection()
+        if self.hub_strategy != "end":
+            raise ValueError(
+                f"hub_strategy={self.hub_strategy!r} is not supported: hf-sad pushes the finished model once, at the "
+                "end (hub_strategy='end'), so that checkpoints, pickles and event files never reach the Hub."
+            )
+        self._check_launch()
+
+    def _check_launch(self) -> None:
+        """A launcher that started several processes which do not form one distributed run would train independent
+        copies into the same output folder; on a CPU that is what `torchrun`/`accelerate launch` do without
+        `use_cpu`."""
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.world_size != launched:
+            hint = " Pass --use_cpu (use_cpu=True) to train on the CPU with several processes." if (
+                not torch.cuda.is_available() and not self.use_cpu) else ""
+            raise ValueError(
+                f"This process was launched as one of {launched} (WORLD_SIZE={launched}) but the run would have "
+                f"world size {self.world_size}: each process would train on its own into {self.output_dir}.{hint}"
+            )
+
+    def __getstate__(self) -> dict:
+        """Pickled arguments (`training_args.bin`, which Trainer writes next to the model and into every checkpoint)
+        never carry the Hub token; `to_dict`/`to_json_string` already redact it."""
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
+
+
+@dataclass
+class SADTrainingArguments(DetectionTrainingArguments, DistillationArguments):
+    r"""
+    Arguments of [`SADTrainer`]: [`DetectionTrainingArguments`] (all of `TrainingArguments`, augmentation, bad
+    data) plus [`DistillationArguments`] (the SAD loss). `distill_loss="none"` trains supervised only.
+    """
+
+    _argument_group_name = "training: distillation, augmentation and bad data, then transformers.TrainingArguments"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_distillation()
+
+    @property
+    def resolved_teacher_dtype(self) -> torch.dtype:
+        """The teacher's weight dtype: `teacher_dtype`, or with "auto" the dtype of mixed precision (else fp32)."""
+        if self.teacher_dtype != "auto":
+            return TEACHER_DTYPES[self.teacher_dtype]
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32

@@ -30,7 +30,8 @@ from transformers import AutoModelForObjectDetection  # noqa: E402
 import hf_sad.cli  # noqa: E402
 from hf_sad.data import load_labeled_dataset  # noqa: E402
 from hf_sad.evaluation import DetectionMetrics  # noqa: E402
-from hf_sad.trainer import SADTrainer, SADTrainingArguments  # noqa: E402
+from hf_sad.trainer import SADTrainer  # noqa: E402
+from hf_sad.training_args import SADTrainingArguments  # noqa: E402
 
 
 def rank() -> int:

@@ -1,4 +1,5 @@
-"""Worker of tests/test_robust_faults.py, run as a subprocess (or by torchrun, one copy per rank); not a test module.
+"""Worker of tests/test_callbacks.py and tests/test_distributed.py, run as a subprocess (or by torchrun, one copy per
+rank); not a test module.
 
     python tests/robust_worker.py pause STEP [hf-sad distill arguments...]
     torchrun --standalone --nproc_per_node 2 tests/robust_worker.py die STEP [hf-sad distill arguments...]

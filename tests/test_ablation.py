@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .utils import REPO
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation", ROOT / "bench" / "ablation.py")
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["ablation"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)

@@ -5,14 +5,15 @@ network outputs."""
 import importlib
 import json
 import sys
-from pathlib import Path
 
 import datasets
 import pytest
 import torch
 import transformers
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from .utils import REPO
+
+BENCH = REPO / "bench"
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,20 @@
-"""Anchors, box coding and matching: the small pieces under the detector, each against an independent reference."""
+"""Anchors, box coding, matching and detection selection: the small pieces under the detector (`hf_sad.box_ops`), each
+against an independent reference."""
 
 import math
 
 import pytest
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import batched_nms, box_iou
 
-from hf_sad.box_ops import decode_boxes, encode_boxes, make_anchors, make_cell_anchors, match_anchors
+from hf_sad.box_ops import (
+    decode_boxes,
+    encode_boxes,
+    make_anchors,
+    make_cell_anchors,
+    match_anchors,
+    select_detections,
+)
 
 
 def random_boxes(n: int, size: float = 200.0, generator=None) -> torch.Tensor:
@@ -100,3 +108,58 @@ def test_low_quality_match_rescues_small_box():
     assert match_anchors(anchors, [tiny], allow_low_quality_matches=False).labels.tolist() == [[0, 0]]
     assert match_anchors(anchors, [tiny], allow_low_quality_matches=True).labels.tolist() == [[1, 0]]
     assert math.isclose(box_iou(tiny, anchors)[0, 0].item(), 0.01, rel_tol=1e-5)
+
+
+def _reference_select(scores, boxes, score_threshold, nms_iou_threshold, pre_nms_top_k, max_detections):
+    results = []
+    for image_scores, image_boxes in zip(scores, boxes):
+        num_classes = image_scores.shape[1]
+        top, index = image_scores.flatten().topk(min(pre_nms_top_k, image_scores.numel()))
+        keep = top > score_threshold
+        top, index = top[keep], index[keep]
+        labels, candidate_boxes = index % num_classes, image_boxes[index // num_classes]
+        kept = batched_nms(candidate_boxes, top, labels, nms_iou_threshold)[:max_detections]
+        results.append({"scores": top[kept], "labels": labels[kept], "boxes": candidate_boxes[kept]})
+    return results
+
+
+@pytest.mark.parametrize("seed,pre_nms_top_k", [(0, 100), (1, 100), (2, 100), (0, 25), (1, 7)])
+def test_select_detections_matches_per_image_reference(seed, pre_nms_top_k):
+    # pre_nms_top_k below the 60 anchors takes the path that first keeps the k anchors with the best class score.
+    generator = torch.Generator().manual_seed(seed)
+    batch_size, num_anchors, num_classes = 3, 60, 4
+    scores = torch.rand(batch_size, num_anchors, num_classes, generator=generator)
+    scores[1] *= 0.3  # an image with few candidates above the threshold
+    top_left = torch.rand(batch_size, num_anchors, 2, generator=generator) * 80
+    sizes = torch.rand(batch_size, num_anchors, 2, generator=generator) * 40 + 1
+    boxes = torch.cat([top_left, top_left + sizes], dim=-1)
+    settings = {"score_threshold": 0.2, "nms_iou_threshold": 0.4, "pre_nms_top_k": pre_nms_top_k, "max_detections": 15}
+
+    results = select_detections(scores, boxes, **settings)
+    expected = _reference_select(scores, boxes, **settings)
+    assert len(results) == batch_size
+    for result, reference in zip(results, expected):
+        assert result.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(result[key], reference[key]), key
+        assert result["labels"].dtype == torch.int64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_select_detections_on_cuda_matches_cpu():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(4, 200, 5, generator=generator)
+    top_left = torch.rand(4, 200, 2, generator=generator) * 300 - 20  # some negative coordinates
+    boxes = torch.cat([top_left, top_left + torch.rand(4, 200, 2, generator=generator) * 60 + 1], dim=-1)
+    on_cpu = select_detections(scores, boxes, score_threshold=0.3)
+    on_cuda = select_detections(scores.cuda(), boxes.cuda(), score_threshold=0.3)
+    for cpu_result, cuda_result in zip(on_cpu, on_cuda):
+        for key in cpu_result:
+            torch.testing.assert_close(cuda_result[key].cpu(), cpu_result[key])
+
+
+def test_select_detections_empty_and_shape_errors():
+    results = select_detections(torch.zeros(2, 5, 3), torch.zeros(2, 5, 4), score_threshold=0.5)
+    assert [r["boxes"].shape for r in results] == [(0, 4), (0, 4)]
+    with pytest.raises(ValueError, match="num_anchors"):
+        select_detections(torch.zeros(2, 5, 3), torch.zeros(2, 4, 4))

@@ -1,16 +1,32 @@
-"""The product surface: `hf-sad` commands end to end on tiny settings, and the demo."""
+"""The product surface: `hf-sad` commands end to end on tiny settings, and the demo; each command as users of
+transformers' example scripts and TRL's scripts expect it: a parser per command, `--config`, runs that end with the
+example scripts' files and printouts, clear failures, and `predict`'s outputs."""
 
+import importlib.util
 import json
+import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from PIL import Image
 from transformers import AutoModelForObjectDetection, pipeline
 
 from hf_sad.cli import main
 from hf_sad.demo import QUICK, run_demo
+from hf_sad.inference import class_colour, draw_detections
 from hf_sad.synthetic import SYNTHETIC_LABELS, generate_scene
 
-TINY_MODEL = ["--fpn_channels", "8", "--head_channels", "8", "--head_num_convs", "1", "--image_size", "64"]
+from .utils import IMAGE_SIZE, REPO, TINY, TINY_FLAGS
+
+HF_SAD = Path(sys.executable).with_name("hf-sad")
+
+TINY_MODEL = [*TINY_FLAGS, "--image_size", "64"]
 TINY_RUN = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu",
             "--save_strategy", "no", "--synthetic_image_size", "64", "--disable_tqdm", "true"]
 
@@ -108,3 +124,162 @@ def test_demo_writes_results_student_card_and_picture(tmp_path):
     found = detector(generate_scene(0, image_size=64)[0])
     assert found and {d["label"] for d in found} <= set(SYNTHETIC_LABELS)
     assert (student / "model.safetensors").exists()
+
+DISTILLATION_FLAGS = ("--distill_loss", "--adl_beta", "--teacher", "--unlabeled_ratio", "--pseudo_box_weight")
+
+
+def help_text(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_each_command_has_its_own_help_with_its_own_flags_first(capsys):
+    train = help_text("train", capsys)
+    assert not [flag for flag in DISTILLATION_FLAGS if flag in train], "hf-sad train lists distillation flags"
+    assert "--train_data" in train and "--hflip_prob" in train and "--learning_rate" in train
+    distill = help_text("distill", capsys)
+    order = [distill.index(flag) for flag in ("--train_data", "--student", "--teacher", "--distill_loss",
+                                              "--hflip_prob", "--learning_rate")]
+    assert order == sorted(order), "data, model, teacher, distillation, then TrainingArguments flags"
+    assert "{adl,kl,fdl,hard,none}" in distill and "{paper,released}" in distill  # choices are shown
+    for command, flag in [("evaluate", "--output_file"), ("predict", "--threshold"), ("push", "--repo_id"),
+                          ("demo", "--quick")]:
+        text = help_text(command, capsys)
+        assert flag in text and "--learning_rate" not in text, command
+
+
+def test_train_refuses_distillation_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--output_dir", str(tmp_path), "--distill_loss", "adl"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --distill_loss" in capsys.readouterr().err
+
+
+def test_config_file_gives_defaults_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "run.yaml"
+    settings = {"student": "resnet18", **TINY, "image_size": IMAGE_SIZE, "train_data": "synthetic:4",
+                "synthetic_image_size": IMAGE_SIZE, "max_steps": 3, "per_device_train_batch_size": 2,
+                "report_to": "none", "use_cpu": True, "save_strategy": "no",
+                "output_dir": str(tmp_path / "from-config")}
+    config.write_text(yaml.safe_dump(settings))
+    metrics = main(["train", "--config", str(config), "--max_steps", "1", "--disable_tqdm", "true"])
+    assert (tmp_path / "from-config" / "model.safetensors").is_file()
+    state = json.loads((tmp_path / "from-config" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and state["max_steps"] == 1 and metrics["train_runtime"] > 0  # the flag won
+
+    config.write_text("studnet: resnet18\n")
+    with pytest.raises(ValueError, match=r"unknown flag\(s\) \['studnet'\]"):
+        main(["train", "--config", str(config)])
+
+
+def test_supervised_run_ends_like_transformers_examples(tmp_path, capsys):
+    output_dir = tmp_path / "teacher"
+    main(["train", "--student", "resnet18", "--train_data", "synthetic:6", "--eval_data", "synthetic-val:3",
+          "--output_dir", str(output_dir), *TINY_MODEL, *TINY_RUN])
+    out = capsys.readouterr().out
+    assert "***** train metrics *****" in out and "***** eval metrics *****" in out
+    assert "class" in out and all(any(line.startswith(name) for line in out.splitlines()) for name in SYNTHETIC_LABELS)
+    def refuse(constant):
+        raise AssertionError(f"a bare {constant} in a JSON file")
+
+    for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json", "results.json"):
+        json.loads((output_dir / name).read_text(), parse_constant=refuse)
+    results = json.loads((output_dir / "results.json").read_text())
+    assert "eval_map" in results and "train_runtime" in results
+    # Three validation scenes rarely hold every class: an absent class is null in JSON, NaN in memory.
+    absent = [name for name in SYNTHETIC_LABELS if results[f"eval_map_{name}"] is None]
+    assert absent, "expected a class absent from the 3 validation scenes"
+    card = (output_dir / "README.md").read_text()
+    assert "(supervised)" in card and "Teacher:" not in card and "knowledge-distillation" not in card
+
+
+def test_tensorboard_without_the_package_is_a_clear_error_at_once(tmp_path):
+    if any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        pytest.skip("tensorboard is installed here: nothing to refuse")
+    with pytest.raises(ValueError, match=r"pip install 'hf-sad\[tensorboard\]'"):
+        main(["train", "--output_dir", str(tmp_path), *TINY_MODEL, *TINY_RUN[:-6], "--report_to", "tensorboard"])
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_launched_as_several_processes_without_use_cpu_fails_instead_of_training_copies(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the two processes would form a real distributed run")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(REPO / "scripts" / "train.py"),
+               "--student", "resnet18", *TINY_MODEL, "--train_data", "synthetic:4", "--synthetic_image_size", "64",
+               "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "launched as one of 2 (WORLD_SIZE=2) but the run would have world size 1" in output
+    assert "Pass --use_cpu" in output and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_console_script_shows_data_errors_as_one_message(tmp_path):
+    result = subprocess.run([str(HF_SAD), "evaluate", "--model", str(tmp_path / "missing"), "--data",
+                             str(tmp_path / "nowhere.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.startswith("hf-sad: error: ") and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    main(["train", "--student", "resnet18", "--train_data", "synthetic:4", "--output_dir", str(folder),
+          *TINY_MODEL, *TINY_RUN])
+    return folder
+
+
+def test_predict_mirrors_folders_counts_bad_files_and_draws_one_colour_per_class(trained_model, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    for folder, seed in [("a", 0), ("b", 1)]:  # same file name in two folders
+        (photos / folder).mkdir(parents=True)
+        generate_scene(seed, image_size=64)[0].save(photos / folder / "scene.png")
+    (photos / "b" / "broken.jpg").write_bytes(b"not an image")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    generate_scene(2, image_size=64)[0].save(loose / "scene.png")  # a third scene.png, given as a file
+
+    output_dir = tmp_path / "out"
+    detections = main(["predict", "--model", str(trained_model), "--images", str(photos), str(loose / "scene.png"),
+                       "--output_dir", str(output_dir), "--threshold", "0.0"])
+    out = capsys.readouterr().out
+    assert "1 file(s) could not be decoded and were skipped." in out
+    saved = json.loads((output_dir / "detections.json").read_text())
+    assert saved == detections
+    assert sorted(saved) == sorted(str(p) for p in (photos / "a" / "scene.png", photos / "b" / "scene.png",
+                                                    loose / "scene.png"))  # decoded inputs only
+    drawings = sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*.png"))
+    assert drawings == ["photos/a/scene.png", "photos/b/scene.png", "scene.png"]
+
+
+
+def test_drawings_use_one_colour_per_class_and_readable_labels():
+    image = Image.new("RGB", (80, 60), (128, 128, 128))
+    detections = {"boxes": torch.tensor([[10.0, 20.0, 40.0, 50.0], [45.0, 25.0, 75.0, 55.0]]),
+                  "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2])}
+    drawn = draw_detections(image, detections, {1: "square", 2: "triangle"})
+    assert drawn.getpixel((10, 35)) == class_colour(1)  # left edge of the first box
+    assert drawn.getpixel((74, 40)) == class_colour(2)  # right edge of the second box
+    assert class_colour(1) != class_colour(2)
+    # Each label sits on a filled tag of its class colour inside the box's top, in black or white, whichever contrasts:
+    # dark text on the orange tag, white text on the green one.
+    orange_tag = [drawn.getpixel((x, y)) for x in range(12, 40) for y in range(24, 34)]
+    green_tag = [drawn.getpixel((x, y)) for x in range(47, 74) for y in range(29, 39)]
+    assert sum(p == class_colour(1) for p in orange_tag) > len(orange_tag) // 2
+    assert sum(p == class_colour(2) for p in green_tag) > len(green_tag) // 2
+    assert any(max(p) < 60 for p in orange_tag) and not any(min(p) > 200 for p in orange_tag)
+    assert any(min(p) > 200 for p in green_tag) and not any(max(p) < 60 for p in green_tag)
+
+
+def test_predict_hints_when_nothing_clears_the_threshold(trained_model, tmp_path, capsys):
+    generate_scene(0, image_size=64)[0].save(tmp_path / "scene.png")
+    detections = main(["predict", "--model", str(trained_model), "--images", str(tmp_path / "scene.png"),
+                       "--output_dir", str(tmp_path / "out"), "--threshold", "0.999999"])
+    assert detections == {str(tmp_path / "scene.png"): []}
+    out = capsys.readouterr().out
+    assert "No detection scored above --threshold 0.999999 (the best score was" in out
+    best = float(out.split("the best score was ")[1].split(")")[0])
+    assert 0 < best < 0.999999 and math.isfinite(best)

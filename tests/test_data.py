@@ -1,10 +1,12 @@
-"""Every data source of SADTrainer: loaded right, and carried by `build_training_stream` + `SADDataCollator` to a
-batch the model accepts.
+"""Data (`hf_sad.data`): every data source of SADTrainer loaded right, the training stream, and the dataset schema.
 
 Labeled: a COCO json + image folder (generated, and the real BCCD set in ../shared), a `datasets` dataset in the
 transformers detection schema (in memory and `save_to_disk`), an `imagefolder` with `metadata.jsonl`. Unlabeled: an
-image folder and parquet shards. Plus the category mapping by class name and the error for data without `objects`.
-Images are 64 px and the model is a ResNet-18 with 8-channel heads, so everything runs in seconds on a CPU.
+image folder and parquet shards. Each is carried by `build_training_stream` + `SADDataCollator` to a batch the model
+accepts. The training stream mixes labeled and unlabeled rows and numbers them, and stops at a non-finite box before
+any update. Plus the category mapping by class name, and datasets without the expected columns refused (by
+`SADTrainer` and by the CLI) with the schema and the columns found. Images are 64 px and the model is the tiny
+ResNet-18 of tests/utils.py, so everything runs in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import pytest
 import torch
 from datasets import ClassLabel
 
-from hf_sad import create_detector
+from hf_sad.cli import main
+from hf_sad.collator import SADDataCollator
 from hf_sad.data import (
-    SADDataCollator,
     build_training_stream,
     category_mapping,
     dataset_label_names,
@@ -28,29 +30,32 @@ from hf_sad.data import (
 )
 from hf_sad.synthetic import (
     SYNTHETIC_LABELS,
-    make_labeled_dataset,
     make_unlabeled_stream,
     synthetic_id2label,
     write_coco_folder,
 )
-from hf_sad.trainer import SADTrainer, SADTrainingArguments
+from hf_sad.trainer import SADTrainer
 
-from .conftest import BCCD
+from .utils import (
+    BCCD,
+    GOOD_BOX,
+    IMAGE_SIZE,
+    TINY_CLI,
+    assert_nothing_trained,
+    detection_dataset,
+    image_value,
+    jpeg,
+    make_args,
+    scene,
+    tiny_detector,
+)
 
-TINY = dict(fpn_channels=8, head_channels=8, head_num_convs=1)
-SIZE = {"height": 64, "width": 64}
 BCCD_LABELS = ["RBC", "WBC", "Platelets"]
 
 
 @pytest.fixture(scope="module")
-def labeled(tmp_path_factory):
-    return make_labeled_dataset(6, seed=0, image_size=64, cache_dir=str(tmp_path_factory.mktemp("cache")))
-
-
-@pytest.fixture(scope="module")
 def detector():
-    torch.manual_seed(0)
-    return create_detector("resnet18", synthetic_id2label(), image_size=SIZE, **TINY)
+    return tiny_detector()
 
 
 def boxes_and_categories(dataset) -> list[tuple[list, list]]:
@@ -153,9 +158,8 @@ def test_real_coco_dataset_bccd():
 
 def test_bccd_through_stream_and_collator_to_a_model_with_its_classes():
     dataset = load_labeled_dataset(BCCD, split="val").select(range(3))
-    torch.manual_seed(0)
     # A model whose classes are BCCD's in another order: categories are mapped by name.
-    detector = create_detector("resnet18", {0: "WBC", 1: "Platelets", 2: "RBC"}, image_size=SIZE, **TINY)
+    detector = tiny_detector(id2label={0: "WBC", 1: "Platelets", 2: "RBC"})
     mapping = category_mapping(dataset, detector[0].config.id2label)
     assert mapping == {0: 2, 1: 0, 2: 1}
     rows, batch, _ = one_training_batch(detector, dataset, category_map=mapping, rows=2)
@@ -209,7 +213,7 @@ def test_imagefolder_with_metadata_jsonl(tmp_path, labeled, detector):
 
 @pytest.fixture(scope="module")
 def unlabeled_images():
-    return [row["image"] for row in make_unlabeled_stream(image_size=64, num_images=8)]
+    return [row["image"] for row in make_unlabeled_stream(image_size=IMAGE_SIZE, num_images=8)]
 
 
 def test_unlabeled_image_folder(tmp_path, labeled, unlabeled_images, detector):
@@ -254,6 +258,34 @@ def test_unlabeled_parquet_shards(tmp_path, labeled, unlabeled_images, detector,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The training stream
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_stream_mixes_labeled_and_unlabeled_and_numbers_rows(labeled):
+    stream = build_training_stream(labeled, make_unlabeled_stream(image_size=IMAGE_SIZE), unlabeled_ratio=0.5)
+    rows = list(stream.take(8))
+    assert [r["is_labeled"] for r in rows] == [True, False] * 4  # 0.5 alternates exactly, as in the paper
+    assert [r["sample_index"] for r in rows] == list(range(8))
+    assert all(len(r["objects"]["bbox"]) == 0 for r in rows if not r["is_labeled"])
+
+
+def test_non_finite_box_in_a_training_dataset_stops_before_any_update_naming_the_image(tmp_path, picture):
+    images = [picture, image_value(jpeg(scene(64, 64)), "bad_box_image")]
+    objects = [{"bbox": [GOOD_BOX], "category": [0]}, {"bbox": [[1.0, float("nan"), 4.0, 4.0]], "category": [1]}]
+    data = detection_dataset(images, objects)
+    with pytest.raises(ValueError, match=r"image 'bad_box_image.img'.*bbox \[1.0, nan, 4.0, 4.0\]"):
+        list(build_training_stream(data, num_shards=1).take(4))
+    model, processor = tiny_detector()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = SADTrainer(model, None, make_args(tmp_path, max_steps=1), data, processing_class=processor)
+    with pytest.raises(ValueError, match="bad_box_image.img"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Categories and schema errors
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -263,8 +295,7 @@ def test_category_mapping_matches_class_names_not_positions(labeled):
     mapping = category_mapping(labeled, reordered)
     last = len(SYNTHETIC_LABELS) - 1
     assert mapping == {i: last - i for i in range(len(SYNTHETIC_LABELS))}
-    torch.manual_seed(0)
-    model, processor = create_detector("resnet18", reordered, image_size=SIZE, **TINY)
+    model, processor = tiny_detector(id2label=reordered)
     stream_rows = list(build_training_stream(labeled, category_map=mapping, shuffle_buffer=1).take(2))
     batch = SADDataCollator(processor, category_map=mapping)(stream_rows)
     by_name = {name: i for i, name in reordered.items()}
@@ -291,11 +322,61 @@ def test_train_dataset_without_objects_is_an_error_listing_schema_and_columns(tm
         {"image": list(labeled["image"][:2]), "caption": ["a", "b"]},
         features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
     )
-    args = SADTrainingArguments(
-        output_dir=str(tmp_path / "out"), distill_loss="none", max_steps=1, use_cpu=True, report_to="none"
-    )
+    args = make_args(tmp_path, max_steps=1)
     with pytest.raises(ValueError) as err:
         SADTrainer(model, None, args, captions, processing_class=processor)
     message = str(err.value)
     assert "train_dataset" in message and "['caption', 'image']" in message  # the columns found
     assert "`objects`" in message and "`bbox`" in message and "`category`" in message  # the expected schema
+
+
+def test_datasets_without_the_expected_columns_are_refused_listing_schema_and_columns(tmp_path, labeled):
+    student, processor = tiny_detector()
+    args = make_args(tmp_path)
+    no_objects = labeled.remove_columns("objects")
+    with pytest.raises(ValueError) as error:
+        SADTrainer(student, None, args, no_objects, processing_class=processor)
+    message = str(error.value)
+    assert "['height', 'image', 'image_id', 'width']" in message and "`objects` with `bbox`" in message
+
+    wrong_fields = datasets.Dataset.from_dict(
+        {"image": [labeled[0]["image"]], "objects": [{"boxes": [[1.0, 1.0, 4.0, 4.0]], "labels": [0]}]})
+    with pytest.raises(ValueError, match=r"`objects` with fields \['boxes', 'labels'\].*`bbox`"):
+        SADTrainer(student, None, args, wrong_fields, processing_class=processor)
+
+    no_image = labeled.remove_columns("image")
+    with pytest.raises(ValueError, match=r"No image column found; the dataset has columns \['height', 'image_id'"):
+        SADTrainer(student, None, args, no_image, processing_class=processor)
+
+    captions = datasets.Dataset.from_dict({"text": ["a", "b"]})
+    with pytest.raises(ValueError, match=r"No image column found; the dataset has columns \['text'\]"):
+        SADTrainer(student, None, args, labeled, captions, processing_class=processor)
+
+    streaming = labeled.to_iterable_dataset()
+    with pytest.raises(ValueError, match="streaming train_dataset has no length: set max_steps"):
+        SADTrainer(student, None, make_args(tmp_path, max_steps=-1), streaming, processing_class=processor)
+
+    renamed = labeled.cast_column("objects", datasets.Features({
+        "id": datasets.List(datasets.Value("int64")), "area": datasets.List(datasets.Value("float32")),
+        "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+        "category": datasets.List(datasets.ClassLabel(names=[f"x{i}" for i in range(len(SYNTHETIC_LABELS))]))}))
+    with pytest.raises(ValueError, match=r"categories \['x0', .*not among the model's labels"):
+        SADTrainer(student, None, args, renamed, processing_class=processor)
+    with pytest.raises(ValueError, match="eval_dataset classes"):
+        SADTrainer(student, None, args, labeled, eval_dataset=renamed, processing_class=processor)
+
+
+def test_cli_refuses_datasets_without_the_expected_columns(tmp_path, labeled, saved_teacher):
+    labeled.remove_columns("objects").save_to_disk(str(tmp_path / "no_objects"))
+    cli = [arg for arg in TINY_CLI if arg != "synthetic:4"]
+    cli[cli.index("--train_data") + 1:cli.index("--train_data") + 1] = [str(tmp_path / "no_objects")]
+    with pytest.raises(ValueError, match=r"train_dataset has columns \['height', 'image', 'image_id', 'width'\]"):
+        main(["train", "--output_dir", str(tmp_path / "cli"), *cli])
+    assert_nothing_trained(tmp_path / "cli")
+
+    (tmp_path / "pool").mkdir()
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).to_parquet(str(tmp_path / "pool" / "part-0.parquet"))
+    with pytest.raises(ValueError, match=r"No image column found; the dataset has columns \['text'\]"):
+        main(["distill", "--teacher", str(saved_teacher), "--unlabeled_data", str(tmp_path / "pool"),
+              "--output_dir", str(tmp_path / "cli"), *TINY_CLI])
+    assert_nothing_trained(tmp_path / "cli")

@@ -1,10 +1,13 @@
 """The same distillation on 2 processes (CPU, gloo): `torchrun --standalone --nproc_per_node 2 ... --use_cpu`.
 
-Each run goes through tests/dist_worker.py, which runs the real `hf_sad.cli.distill_main` (what scripts/distill.py
-runs) or `SADTrainer.evaluate`, and makes every rank write what it saw (world size, hashes of the images its collator
-received, hashes of the student's weights, the evaluated images). Every subprocess has a timeout and runs in its own
-process group, which is killed on timeout, so a stuck rank cannot hang the test; torchrun itself stops all ranks and
-exits non-zero when one rank fails.
+Each run but the last goes through tests/dist_worker.py, which runs the real `hf_sad.cli.distill_main` (what
+scripts/distill.py runs) or `SADTrainer.evaluate`, and makes every rank write what it saw (world size, hashes of the
+images its collator received, hashes of the student's weights, the evaluated images). Every subprocess has a timeout
+and runs in its own process group, which is killed on timeout, so a stuck rank cannot hang the test; torchrun itself
+stops all ranks and exits non-zero when one rank fails.
+
+The last runs tests/robust_worker.py, in which one rank dies abruptly: the run exits non-zero within a bounded time
+instead of hanging.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -22,23 +26,30 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForObjectDetection
 
-from hf_sad import create_detector
-from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream, synthetic_id2label
+from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
 
 from .dist_worker import evaluate as evaluate_in_this_process
 from .dist_worker import tensors_hash
-from .robust_utils import finish, start
+from .utils import (
+    FAULT_WORKER,
+    TINY_FLAGS,
+    distill_args,
+    finish,
+    save_detector,
+    start,
+    tiny_detector,
+    worker_env,
+)
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+DIST_WORKER = Path(__file__).with_name("dist_worker.py")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-TINY = dict(fpn_channels=8, head_channels=8, head_num_convs=1)
 NUM_PARQUET_FILES, IMAGES_PER_FILE = 4, 6
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 150) -> str:
     """Run tests/dist_worker.py on `nproc` CPU processes; return its output, fail with its tail on error/timeout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), str(WORKER), *args]
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), str(DIST_WORKER), *args]
     process = start(command, env)  # own process group: on timeout, torchrun and every rank are killed together
     output = finish(process, timeout)
     assert process.returncode == 0, f"torchrun exited with {process.returncode}:\n{output[-6000:]}"
@@ -52,13 +63,9 @@ def read_records(record_dir: Path, world_size: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, saved_teacher):
     """A saved tiny teacher and an unlabeled pool of NUM_PARQUET_FILES parquet shards (with the images' hashes)."""
     root = tmp_path_factory.mktemp("distributed")
-    torch.manual_seed(1)
-    teacher, processor = create_detector("resnet18", synthetic_id2label(), image_size=64, **TINY)
-    teacher.save_pretrained(root / "teacher")
-    processor.save_pretrained(root / "teacher")
     rows = list(make_unlabeled_stream(image_size=64, num_images=NUM_PARQUET_FILES * IMAGES_PER_FILE))
     pool = root / "unlabeled"
     pool.mkdir()
@@ -71,7 +78,7 @@ def workspace(tmp_path_factory):
             "image", datasets.Image(decode=False)
         )
         hashes_per_file.append({hashlib.sha256(row["image"]["bytes"]).hexdigest() for row in stored})
-    return {"root": root, "teacher": root / "teacher", "unlabeled": pool, "hashes_per_file": hashes_per_file}
+    return {"root": root, "teacher": saved_teacher, "unlabeled": pool, "hashes_per_file": hashes_per_file}
 
 
 def test_distill_script_on_two_processes_reads_disjoint_data_and_keeps_ranks_in_sync(workspace):
@@ -81,7 +88,7 @@ def test_distill_script_on_two_processes_reads_disjoint_data_and_keeps_ranks_in_
     output = torchrun(
         2, "distill", str(record_dir),
         "--teacher", str(workspace["teacher"]), "--student", "resnet18", "--image_size", "64",
-        "--fpn_channels", "8", "--head_channels", "8", "--head_num_convs", "1",
+        *TINY_FLAGS,
         "--train_data", "synthetic:8", "--synthetic_image_size", "64", "--eval_data", "synthetic-val:5",
         "--unlabeled_data", str(workspace["unlabeled"]),
         "--output_dir", str(output_dir), "--max_steps", "3", "--per_device_train_batch_size", "2",
@@ -163,18 +170,13 @@ def test_evaluation_map_is_the_same_on_one_and_two_processes(workspace):
     """5 eval images on 2 processes x 2 per batch: the last global batch is padded by the sampler and must be
     deduplicated; per-rank detections of different lengths are padded before the gather."""
     root = workspace["root"]
-    torch.manual_seed(0)
-    model, processor = create_detector(
-        "resnet18", synthetic_id2label(), image_size={"height": 64, "width": 64}, anchor_scale=1.5, **TINY
-    )
+    model, processor = tiny_detector(anchor_scale=1.5)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a fresh head predicts the prior everywhere; make scores vary so detections are ranked
         weight = model.class_head.predictor.weight
         weight.copy_(torch.randn(weight.shape, generator=generator) * 2.0)
         model.class_head.predictor.bias.fill_(-1.0)
-    model_dir = root / "fixed-model"
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model_dir = save_detector((model, processor), root / "fixed-model")
     eval_dir = pseudo_labeled_eval_set(model_dir, root / "eval-set")
 
     one_dir, two_dir = root / "eval-1", root / "eval-2"
@@ -206,3 +208,16 @@ def test_evaluation_map_is_the_same_on_one_and_two_processes(workspace):
             if key.startswith("eval_ma"):  # eval_map*, eval_mar*
                 got = record["metrics"][key]
                 assert (math.isnan(value) and math.isnan(got)) or got == pytest.approx(value, abs=1e-9), key
+
+
+def test_a_dying_process_fails_a_two_process_run_within_bounded_time(tmp_path, saved_teacher):
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(FAULT_WORKER), "die", "2",
+               *distill_args(saved_teacher, tmp_path / "out"), "--ddp_timeout", "60"]
+    started = time.monotonic()
+    process = start(command, worker_env(tmp_path))
+    output = finish(process, timeout=150)
+    elapsed = time.monotonic() - started
+    assert process.returncode != 0, output[-4000:]
+    assert "rank 1: exiting abruptly at step 2" in output
+    assert elapsed < 120, f"took {elapsed:.0f} s"
+    print(f"torchrun exited with {process.returncode} after {elapsed:.1f} s")

@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,9 @@ import torch
 
 from hf_sad.evaluation import CocoMeanAveragePrecision, coco_map
 
-BCCD_VAL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bccd" / "val.json"
+from .utils import BCCD
+
+BCCD_VAL = BCCD / "val.json"
 STAT_KEYS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large"]
 STAT_KEYS += ["mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
 

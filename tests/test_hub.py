@@ -28,13 +28,11 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import save_file
 
-from hf_sad import create_detector
 from hf_sad.hub import card_template, create_model_card, files_to_upload, is_hub_id, push_to_hub
 
 from .hub_server import HubServer
+from .utils import IMAGE_SIZE, REPO, TINY_FLAGS, TWO_LABELS, save_detector, tiny_detector
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_LABELS = {0: "a", 1: "b"}
 HYPERPARAMETERS = {
     "distill_loss": "adl",
     "adl_beta": 1.0,
@@ -165,15 +163,15 @@ def test_is_hub_id(name, expected):
 
 
 def test_template_is_found_in_the_editable_install_and_in_a_built_wheel(tmp_path):
-    source = (REPO_ROOT / "model_cards" / "student.md").read_text(encoding="utf-8")
+    source = (REPO / "model_cards" / "student.md").read_text(encoding="utf-8")
     assert card_template() == source  # importlib.resources, through the editable install
     # Build the wheel from a copy, so the build leaves nothing (build/, *.egg-info) in the working tree.
     project = tmp_path / "project"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    shutil.copytree(REPO_ROOT / "src", project / "src", ignore=ignore)
-    shutil.copytree(REPO_ROOT / "model_cards", project / "model_cards", ignore=ignore)
+    shutil.copytree(REPO / "src", project / "src", ignore=ignore)
+    shutil.copytree(REPO / "model_cards", project / "model_cards", ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO_ROOT / name, project / name)
+        shutil.copy(REPO / name, project / name)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
          "-w", str(tmp_path / "dist"), str(project)],
@@ -333,7 +331,8 @@ def _client_env(hub: HubServer, token: str, home: Path) -> dict[str, str]:
            and not k.lower().endswith("_proxy")}
     env.update(
         HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(home), HF_HUB_DISABLE_XET="1",
-        HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1", TOKENIZERS_PARALLELISM="false",
+        HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+        HF_DATASETS_CACHE=str(home / "datasets"),
     )
     return env
 
@@ -357,15 +356,11 @@ def _finish(process: subprocess.Popen) -> str:
 
 def _save_student(folder: Path, reference_file: Path, image_file: Path) -> dict[str, torch.Tensor]:
     """A tiny student saved as training would leave it (plus Trainer leftovers), and its reference outputs."""
-    model, processor = create_detector(
-        "resnet18", TINY_LABELS, image_size={"height": 64, "width": 64}, fpn_channels=8, head_channels=8,
-        head_num_convs=1,
-    )
+    model, processor = tiny_detector(id2label=TWO_LABELS)
     model.eval()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_detector((model, processor), folder)
     create_model_card(
-        model_name="tiny-student", id2label=TINY_LABELS, backbone="resnet18", teacher=str(folder.parent / "teacher"),
+        model_name="tiny-student", id2label=TWO_LABELS, backbone="resnet18", teacher=str(folder.parent / "teacher"),
         datasets=None, metrics={"map": 0.1, "map_50": 0.2, "map_75": 0.05}, hyperparameters=HYPERPARAMETERS,
         repo_id="user/tiny-student",
     ).save(folder / "README.md")
@@ -444,3 +439,93 @@ def test_push_and_load_end_to_end(tmp_path):
     assert all(token.encode() not in blob for blob in blobs)
     assert all(status < 500 for _, _, status, _ in requests), [r for r in requests if r[2] >= 500]
     assert any(method == "PUT" and path.startswith("/lfs-upload/") for method, path, _, _ in requests)
+
+
+# ------------------------------------------------------------------------------------- pushing through the trainer
+# `hf-sad distill --push_to_hub` and `SADTrainer.push_to_hub()` upload the finished model once, with its code,
+# processor, results and the SAD model card; never checkpoints, pickles or event files.
+
+HF_SAD = Path(sys.executable).with_name("hf-sad")
+REMOTE_CODE = {"configuration_sad.py", "modeling_sad.py", "image_processing_sad.py", "box_ops.py", "detection_loss.py"}
+NEVER_UPLOADED = ("training_args.bin", "trainer_state.json", "runs/", "checkpoint-", ".pt", ".pth", ".pkl")
+
+
+def our_commits(hub: HubServer, repo_id: str) -> list[str]:
+    repo = hub.state.repos[repo_id]
+    return [message for message in repo.messages.values() if message != "initial commit"]
+
+
+def assert_only_the_finished_model(files: dict[str, bytes]) -> None:
+    assert REMOTE_CODE | {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= set(files)
+    leaked = [path for path in files if any(pattern in path for pattern in NEVER_UPLOADED)]
+    assert not leaked, leaked
+
+
+def test_distill_push_to_hub_pushes_once_with_code_results_and_card(tmp_path, saved_teacher):
+    token = "hf_" + secrets.token_urlsafe(24)
+    output_dir = tmp_path / "student"
+    command = [str(HF_SAD), "distill", "--teacher", str(saved_teacher), "--student", "resnet18", *TINY_FLAGS,
+               "--image_size", str(IMAGE_SIZE),
+               "--train_data", "synthetic:8", "--eval_data", "synthetic-val:3", "--unlabeled_data", "synthetic",
+               "--synthetic_image_size", str(IMAGE_SIZE), "--output_dir", str(output_dir), "--max_steps", "2",
+               "--per_device_train_batch_size", "2", "--save_strategy", "steps", "--save_steps", "1",
+               "--logging_steps", "1", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
+               "--push_to_hub", "--hub_model_id", "user/sad-student", "--license", "apache-2.0"]
+    with HubServer({token: "user"}, max_requests=500, max_lifetime_s=600) as hub:
+        result = subprocess.run(command, env=_client_env(hub, token, tmp_path / "home"), capture_output=True,
+                                text=True, timeout=600, stdin=subprocess.DEVNULL)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-5000:]
+        commits = our_commits(hub, "user/sad-student")
+        files = hub.files("user/sad-student")
+
+    assert len(commits) == 1, commits  # once, at the end: not at every checkpoint, not again after save_model
+    assert_only_the_finished_model(files)
+    assert {"results.json", "train_results.json", "eval_results.json", "all_results.json"} <= set(files)
+    assert (output_dir / "checkpoint-2").is_dir() and (output_dir / "training_args.bin").is_file()  # kept locally
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "object-detection"
+    assert [r.metric_name for r in card.data.eval_results] == ["mAP", "mAP@50", "mAP@75"]
+    body = card.text
+    assert 'from_pretrained("user/sad-student", trust_remote_code=True)' in body
+    assert "Semi-supervised Adaptive Distillation" in body and "| teacher (resnet18) |" in body
+    assert "### Framework versions" in body and "- transformers: " in body
+    assert "HTTP Request" not in output and token not in output  # no request logs on the console, never the token
+
+
+TRAINER_PUSH = """
+import sys
+from hf_sad import SADTrainer, SADTrainingArguments
+from hf_sad.synthetic import make_labeled_dataset
+from tests.utils import tiny_detector
+
+output_dir = sys.argv[1]
+student, processor = tiny_detector()
+teacher, _ = tiny_detector(seed=1)
+data = make_labeled_dataset(6, seed=0, image_size=64)
+args = SADTrainingArguments(output_dir=output_dir, max_steps=1, per_device_train_batch_size=2, report_to="none",
+                            use_cpu=True, disable_tqdm=True, save_strategy="no")
+trainer = SADTrainer(student, teacher, args, data, eval_dataset=make_labeled_dataset(3, seed=1, image_size=64),
+                     processing_class=processor)
+trainer.train()
+trainer.evaluate()
+print("URL", trainer.push_to_hub(datasets=["someone/shapes"]))
+"""
+
+
+def test_trainer_push_to_hub_from_python_gives_the_sad_card(tmp_path):
+    token = "hf_" + secrets.token_urlsafe(24)
+    with HubServer({token: "user"}, max_requests=300, max_lifetime_s=600) as hub:
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(TRAINER_PUSH), str(tmp_path / "py-student")],
+                                env=_client_env(hub, token, tmp_path / "home"), capture_output=True, text=True,
+                                timeout=600, stdin=subprocess.DEVNULL, cwd=REPO)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        assert "URL " + hub.url + "/user/py-student/commit/" in result.stdout
+        commits = our_commits(hub, "user/py-student")
+        files = hub.files("user/py-student")
+    assert len(commits) == 1, commits
+    assert_only_the_finished_model(files)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.datasets == ["someone/shapes"] and card.data.eval_results
+    assert 'pipeline("object-detection", model="user/py-student", trust_remote_code=True)' in card.text
+    assert "(student, SAD)" in card.text and "## Intended use and limitations" in card.text

@@ -1,4 +1,7 @@
-"""Tests of `SADImageProcessor` (pre- and post-processing) and `select_detections`. Small images, CPU only."""
+"""Tests of `SADImageProcessor`: resizing, padding, annotations, post-processing, serialisation. Small images, CPU only.
+
+`select_detections`, which post-processing calls, is tested in test_box_ops.py.
+"""
 
 import math
 from dataclasses import dataclass
@@ -7,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.ops import batched_nms
 from transformers.utils import ModelOutput
 
-from hf_sad.image_processing_sad import SADImageProcessor, select_detections
+from hf_sad.image_processing_sad import SADImageProcessor
 
 
 def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -310,61 +312,6 @@ def test_post_process_target_sizes_length_mismatch():
     outputs = _outputs([[[0.9]], [[0.9]]], [[[0.5, 0.5, 0.1, 0.1]], [[0.5, 0.5, 0.1, 0.1]]])
     with pytest.raises(ValueError, match="target sizes"):
         SADImageProcessor().post_process_object_detection(outputs, target_sizes=[(10, 10)])
-
-
-def _reference_select(scores, boxes, score_threshold, nms_iou_threshold, pre_nms_top_k, max_detections):
-    results = []
-    for image_scores, image_boxes in zip(scores, boxes):
-        num_classes = image_scores.shape[1]
-        top, index = image_scores.flatten().topk(min(pre_nms_top_k, image_scores.numel()))
-        keep = top > score_threshold
-        top, index = top[keep], index[keep]
-        labels, candidate_boxes = index % num_classes, image_boxes[index // num_classes]
-        kept = batched_nms(candidate_boxes, top, labels, nms_iou_threshold)[:max_detections]
-        results.append({"scores": top[kept], "labels": labels[kept], "boxes": candidate_boxes[kept]})
-    return results
-
-
-@pytest.mark.parametrize("seed,pre_nms_top_k", [(0, 100), (1, 100), (2, 100), (0, 25), (1, 7)])
-def test_select_detections_matches_per_image_reference(seed, pre_nms_top_k):
-    # pre_nms_top_k below the 60 anchors takes the path that first keeps the k anchors with the best class score.
-    generator = torch.Generator().manual_seed(seed)
-    batch_size, num_anchors, num_classes = 3, 60, 4
-    scores = torch.rand(batch_size, num_anchors, num_classes, generator=generator)
-    scores[1] *= 0.3  # an image with few candidates above the threshold
-    top_left = torch.rand(batch_size, num_anchors, 2, generator=generator) * 80
-    sizes = torch.rand(batch_size, num_anchors, 2, generator=generator) * 40 + 1
-    boxes = torch.cat([top_left, top_left + sizes], dim=-1)
-    settings = {"score_threshold": 0.2, "nms_iou_threshold": 0.4, "pre_nms_top_k": pre_nms_top_k, "max_detections": 15}
-
-    results = select_detections(scores, boxes, **settings)
-    expected = _reference_select(scores, boxes, **settings)
-    assert len(results) == batch_size
-    for result, reference in zip(results, expected):
-        assert result.keys() == reference.keys()
-        for key in reference:
-            assert torch.equal(result[key], reference[key]), key
-        assert result["labels"].dtype == torch.int64
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_select_detections_on_cuda_matches_cpu():
-    generator = torch.Generator().manual_seed(0)
-    scores = torch.rand(4, 200, 5, generator=generator)
-    top_left = torch.rand(4, 200, 2, generator=generator) * 300 - 20  # some negative coordinates
-    boxes = torch.cat([top_left, top_left + torch.rand(4, 200, 2, generator=generator) * 60 + 1], dim=-1)
-    on_cpu = select_detections(scores, boxes, score_threshold=0.3)
-    on_cuda = select_detections(scores.cuda(), boxes.cuda(), score_threshold=0.3)
-    for cpu_result, cuda_result in zip(on_cpu, on_cuda):
-        for key in cpu_result:
-            torch.testing.assert_close(cuda_result[key].cpu(), cpu_result[key])
-
-
-def test_select_detections_empty_and_shape_errors():
-    results = select_detections(torch.zeros(2, 5, 3), torch.zeros(2, 5, 4), score_threshold=0.5)
-    assert [r["boxes"].shape for r in results] == [(0, 4), (0, 4)]
-    with pytest.raises(ValueError, match="num_anchors"):
-        select_detections(torch.zeros(2, 5, 3), torch.zeros(2, 4, 4))
 
 
 # -------------------------------------------------------------------------------------------------- serialisation

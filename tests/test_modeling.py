@@ -1,4 +1,5 @@
-"""The detector as a transformers model: shapes, losses, training, save/load in both routes, pipeline, backbones."""
+"""The detector as a transformers model (`hf_sad.modeling_sad`, `hf_sad.configuration_sad`): shapes, training, save/load
+in both routes, pipeline, backbones. Its supervised loss is tested in test_detection_loss.py."""
 
 import ast
 import json
@@ -14,33 +15,20 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from torchvision.ops import box_convert, box_iou, sigmoid_focal_loss
+from torchvision.ops import box_convert, box_iou
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
 
 import hf_sad
-from hf_sad import SADConfig, SADForObjectDetection, create_detector
-from hf_sad.box_ops import encode_boxes
-from hf_sad.detection_loss import assign_anchors
+from hf_sad import SADConfig, SADForObjectDetection
 
-from .conftest import LABELS, TINY
+from .utils import LABELS, TINY, make_labels, save_detector, tiny_detector
 
 # What save_pretrained copies beside the weights for trust_remote_code loading.
 REMOTE_CODE = ("configuration_sad", "modeling_sad", "image_processing_sad", "box_ops", "detection_loss")
 
 
-def make_labels(*boxes_per_image):
-    """Per image a list of (class, cx, cy, w, h) normalised -> transformers detection labels."""
-    return [
-        {
-            "class_labels": torch.tensor([b[0] for b in boxes], dtype=torch.long),
-            "boxes": torch.tensor([b[1:] for b in boxes], dtype=torch.float32).reshape(-1, 4),
-        }
-        for boxes in boxes_per_image
-    ]
-
-
-def test_output_shapes_and_anchor_counts(tiny_detector):
-    model, _ = tiny_detector
+def test_output_shapes_and_anchor_counts(tiny_model):
+    model, _ = tiny_model
     out = model(torch.randn(2, 3, 128, 192))
     shapes = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]  # strides 8..128; stride-2 convs round up
     assert out.spatial_shapes.tolist() == [list(s) for s in shapes]
@@ -53,9 +41,9 @@ def test_output_shapes_and_anchor_counts(tiny_detector):
     assert out.loss is None
 
 
-def test_pred_boxes_are_normalised_to_valid_region(tiny_detector):
+def test_pred_boxes_are_normalised_to_valid_region(tiny_model):
     """With padding, boxes are relative to each image's real pixels, so target_sizes scaling is exact."""
-    model, _ = tiny_detector
+    model, _ = tiny_model
     pixels = torch.randn(2, 3, 128, 128)
     mask = torch.ones(2, 128, 128, dtype=torch.long)
     mask[1, 64:, :] = 0  # second image is 64 x 128, padded below
@@ -68,58 +56,6 @@ def test_pred_boxes_are_normalised_to_valid_region(tiny_detector):
     torch.testing.assert_close(out.pred_boxes[1], out_nomask.pred_boxes[1] * scale)
 
 
-def test_focal_and_box_loss_match_independent_computation(tiny_detector):
-    model, _ = tiny_detector
-    labels = make_labels([(0, 0.5, 0.5, 0.4, 0.3), (2, 0.2, 0.25, 0.15, 0.2)], [(1, 0.7, 0.6, 0.3, 0.5)])
-    out = model(torch.randn(2, 3, 128, 128), labels=labels)
-    assignment = assign_anchors(out.anchors, labels, out.image_sizes, model.config)
-
-    # Independent: per image, one-hot targets from the assignment, torchvision's focal loss on non-ignored anchors.
-    cls_sum, box_sum, num_pos = 0.0, 0.0, 0
-    for i, target in enumerate(labels):
-        pos = assignment.labels[i] == 1
-        valid = assignment.labels[i] >= 0
-        matched = assignment.matched_idx[i]
-        onehot = torch.zeros_like(out.logits[i])
-        onehot[pos, target["class_labels"][matched[pos]]] = 1
-        cls_sum += sigmoid_focal_loss(out.logits[i][valid], onehot[valid], alpha=0.25, gamma=2.0, reduction="sum")
-        gt = box_convert(target["boxes"] * 128, "cxcywh", "xyxy")[matched[pos]]
-        deltas = encode_boxes(gt, out.anchors[pos])
-        box_sum += torch.nn.functional.smooth_l1_loss(out.box_regression[i][pos], deltas, beta=1 / 9, reduction="sum")
-        num_pos += int(pos.sum())
-    assert num_pos > 0
-    torch.testing.assert_close(out.loss_dict["loss_cls"], cls_sum.detach() / num_pos)
-    torch.testing.assert_close(out.loss_dict["loss_box"], box_sum.detach() / num_pos)
-    torch.testing.assert_close(out.loss, (cls_sum + box_sum) / num_pos)
-
-
-def test_giou_box_loss_runs_and_is_bounded():
-    model, _ = create_detector("resnet18", LABELS, box_loss="giou", **TINY)
-    out = model(torch.randn(1, 3, 128, 128), labels=make_labels([(1, 0.5, 0.5, 0.5, 0.5)]))
-    assert 0 <= out.loss_dict["loss_box"] <= 2  # GIoU loss per box lies in [0, 2]
-    out.loss.backward()
-
-
-def test_empty_targets_are_valid_negatives(tiny_detector):
-    model, _ = tiny_detector
-    out = model(torch.randn(2, 3, 128, 128), labels=make_labels([], []))
-    assert torch.isfinite(out.loss)
-    assert out.loss_dict["loss_box"] == 0 and out.loss_dict["num_positives"] == 1  # clamped normaliser
-    out.loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-
-
-def test_bad_labels_raise_clear_errors(tiny_detector):
-    model, _ = tiny_detector
-    x = torch.randn(1, 3, 128, 128)
-    with pytest.raises(ValueError, match=r"labels\[0\]: class id 5 is outside"):
-        model(x, labels=make_labels([(5, 0.5, 0.5, 0.2, 0.2)]))
-    with pytest.raises(ValueError, match="NaN or inf"):
-        model(x, labels=make_labels([(0, float("nan"), 0.5, 0.2, 0.2)]))
-    with pytest.raises(ValueError, match="lacks"):
-        model(x, labels=[{"boxes": torch.zeros(0, 4)}])
-
-
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="box_loss"):
         SADConfig(box_loss="l2")
@@ -129,8 +65,8 @@ def test_config_validation_names_the_field():
         SADForObjectDetection(SADConfig(backbone="convnext_atto", min_level=1, **TINY))  # finest stride is 4
 
 
-def test_bf16_autocast_forward_is_finite(tiny_detector):
-    model, _ = tiny_detector
+def test_bf16_autocast_forward_is_finite(tiny_model):
+    model, _ = tiny_model
     labels = make_labels([(0, 0.5, 0.5, 0.4, 0.3)])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(1, 3, 128, 128), labels=labels)
@@ -158,8 +94,10 @@ def squares_scene(seed: int, size: int = 128):
     return Image.fromarray(image), {"image_id": seed, "annotations": annotations}
 
 
-def test_tiny_model_overfits_a_few_images(tiny_detector):
-    model, processor = tiny_detector
+def test_tiny_model_overfits_a_few_images():
+    # 16 channels, not TINY's 8: the model must fit these scenes within 80 steps; 128 px as the scenes.
+    model, processor = tiny_detector(id2label=LABELS, image_size={"height": 128, "width": 128}, fpn_channels=16,
+                                     head_channels=16)
     scenes = [squares_scene(s) for s in range(4)]
     batch = processor(images=[s[0] for s in scenes], annotations=[s[1] for s in scenes], return_tensors="pt")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -186,15 +124,10 @@ def test_tiny_model_overfits_a_few_images(tiny_detector):
         assert hit.any(dim=1).all(), (gt, det)
 
 
-def _save(model, processor, folder):
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
-def test_save_load_round_trip_is_bit_exact(tiny_detector, tmp_path):
-    model, processor = tiny_detector
+def test_save_load_round_trip_is_bit_exact(tiny_model, tmp_path):
+    model, processor = tiny_model
     model.eval()
-    _save(model, processor, tmp_path)
+    save_detector((model, processor), tmp_path)
     loaded = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()
     assert type(loaded) is SADForObjectDetection
     assert type(AutoImageProcessor.from_pretrained(tmp_path)).__name__ == "SADImageProcessor"
@@ -207,10 +140,10 @@ def test_save_load_round_trip_is_bit_exact(tiny_detector, tmp_path):
         assert torch.equal(buf, buf2), name
 
 
-def test_remote_code_route_loads_without_hf_sad(tiny_detector, tmp_path):
-    model, processor = tiny_detector
+def test_remote_code_route_loads_without_hf_sad(tiny_model, tmp_path):
+    model, processor = tiny_model
     model.eval()
-    _save(model, processor, tmp_path)
+    save_detector((model, processor), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForObjectDetection"] == "modeling_sad.SADForObjectDetection"
     for name in REMOTE_CODE:
@@ -257,9 +190,9 @@ def test_remote_code_files_import_only_safe_packages_and_flat_siblings():
                 assert node.module.split(".")[0] in allowed | set(sys.stdlib_module_names), (name, node.module)
 
 
-def test_pipeline_returns_named_detections(tiny_detector, tmp_path):
-    model, processor = tiny_detector
-    _save(model, processor, tmp_path)
+def test_pipeline_returns_named_detections(tiny_model, tmp_path):
+    model, processor = tiny_model
+    save_detector((model, processor), tmp_path)
     detector = pipeline("object-detection", model=str(tmp_path), threshold=0.0)
     image, _ = squares_scene(0, size=160)
     results = detector(image)
@@ -271,11 +204,11 @@ def test_pipeline_returns_named_detections(tiny_detector, tmp_path):
         assert 0 <= box["xmin"] <= box["xmax"] <= 160 and 0 <= box["ymin"] <= box["ymax"] <= 160
 
 
-def test_pipeline_loads_without_prompt_or_error_log(tiny_detector, tmp_path):
+def test_pipeline_loads_without_prompt_or_error_log(tiny_model, tmp_path):
     # transformers' pipeline checks a static table of class names and looks for a video processor, which it would
     # derive from the image processor's auto_map as remote code: a "not supported" error and a custom-code prompt.
-    model, processor = tiny_detector
-    _save(model, processor, tmp_path)
+    model, processor = tiny_model
+    save_detector((model, processor), tmp_path)
     script = f"import hf_sad; from transformers import pipeline; pipeline('object-detection', model=r'{tmp_path}')"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             stdin=subprocess.DEVNULL, env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"})
@@ -295,7 +228,7 @@ def test_pipeline_loads_without_prompt_or_error_log(tiny_detector, tmp_path):
     ],
 )
 def test_backbone_families_train_and_round_trip(backbone, kwargs, tmp_path):
-    model, _processor = create_detector(backbone, LABELS, **TINY, **kwargs)
+    model, _processor = tiny_detector(backbone=backbone, id2label=LABELS, **kwargs)
     labels = make_labels([(0, 0.5, 0.5, 0.4, 0.3)], [])
     out = model(torch.randn(2, 3, 128, 128), labels=labels)
     assert out.spatial_shapes.tolist() == [[16, 16], [8, 8], [4, 4], [2, 2], [1, 1]]

@@ -26,9 +26,8 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 from hf_sad.hub import files_to_upload
 
-from .robust_utils import tiny_detector
+from .utils import REPO, TINY_FLAGS, save_detector, tiny_detector
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_RobustnessTestToken0123456789abcdef"
 UNPICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}
 
@@ -36,14 +35,12 @@ UNPICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve"
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("security")
-    teacher, processor = tiny_detector(seed=1)
-    teacher.save_pretrained(root / "teacher")
-    processor.save_pretrained(root / "teacher")
+    save_detector(tiny_detector(seed=1), root / "teacher")
     output_dir = root / "student"
-    argv = ["distill", "--teacher", str(root / "teacher"), "--student", "resnet18", "--image_size", "64",
-            "--fpn_channels", "8", "--head_channels", "8", "--head_num_convs", "1", "--train_data", "synthetic:4",
-            "--eval_data", "synthetic-val:2", "--unlabeled_data", "synthetic", "--synthetic_image_size", "64",
-            "--output_dir", str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "2",
+    argv = ["distill", "--teacher", str(root / "teacher"), "--student", "resnet18", "--image_size", "64", *TINY_FLAGS,
+            "--train_data", "synthetic:4", "--eval_data", "synthetic-val:2", "--unlabeled_data", "synthetic",
+            "--synthetic_image_size", "64", "--output_dir", str(output_dir), "--max_steps", "2",
+            "--per_device_train_batch_size", "2",
             "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1", "--report_to", "none",
             "--use_cpu", "--disable_tqdm", "true", "--hub_token", TOKEN, "--log_level", "info"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

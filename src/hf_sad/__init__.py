@@ -33,7 +33,8 @@ AutoVideoProcessor.register(SADConfig, video_processor_classes={}, exist_ok=True
 # The one place hf_sad touches transformers beyond its registration APIs: `pipeline("object-detection")` checks the
 # model's class name against this static table, not against the registry above, and logs "not supported for
 # object-detection" for every registered model; transformers offers no supported way to add to it.
-# tests/test_modeling.py::test_pipeline_name_table_shim_is_still_needed fails once transformers no longer needs it.
+# tests/test_transformers_example.py::test_pipeline_name_table_shim_is_still_needed fails once transformers no longer
+# needs it.
 MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault(SADConfig.model_type, SADForObjectDetection.__name__)
 
 # Route (b): save_pretrained copies the flat modeling/config/processor files next to the weights and writes

@@ -32,6 +32,18 @@ _STAT_KEYS = (
 )
 
 
+#: COCO summary keys -> the names tables and model cards show them under.
+METRIC_NAMES = {
+    "map": "mAP",
+    "map_50": "mAP@50",
+    "map_75": "mAP@75",
+    "map_small": "mAP (small)",
+    "map_medium": "mAP (medium)",
+    "map_large": "mAP (large)",
+    "mar_100": "mAR@100",
+}
+
+
 def _numpy(x: Any, dtype: type, shape: tuple[int, ...] = (-1,)) -> np.ndarray:
     """A torch tensor (any device / dtype), numpy array or nested list as a numpy array of `dtype` and `shape`."""
     if hasattr(x, "detach"):  # torch.Tensor: bf16/fp16 cannot go to numpy directly

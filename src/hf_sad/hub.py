@@ -21,21 +21,16 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+from .evaluation import METRIC_NAMES
+
 logger = logging.getLogger(__name__)
 
 CARD_TEMPLATE = "student.md"
 CARD_TAGS = ["hf-sad", "object-detection", "knowledge-distillation", "semi-supervised", "retinanet"]
 SUPERVISED_TAGS = ["hf-sad", "object-detection", "retinanet"]
 
-# COCO box AP summary keys (as returned by `hf_sad.evaluation`) -> column names of the card's results table.
-RESULT_COLUMNS = {
-    "map": "mAP",
-    "map_50": "mAP@50",
-    "map_75": "mAP@75",
-    "map_small": "mAP (small)",
-    "map_medium": "mAP (medium)",
-    "map_large": "mAP (large)",
-}
+# The card's results table shows the AP summary figures.
+RESULT_COLUMNS = {key: name for key, name in METRIC_NAMES.items() if key.startswith("map")}
 # Keys that go into the structured `model-index`, with the IoU range each one averages over.
 MODEL_INDEX_METRICS = {"map": "IoU=0.50:0.95", "map_50": "IoU=0.50", "map_75": "IoU=0.75"}
 

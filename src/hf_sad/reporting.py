@@ -12,18 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_metrics", "json_safe", "write_json"]
+from .evaluation import METRIC_NAMES
 
-# COCO summary keys (hf_sad.evaluation) in the order a table shows them, with their printed names.
-_OVERALL = {
-    "map": "mAP",
-    "map_50": "mAP@50",
-    "map_75": "mAP@75",
-    "map_small": "mAP small",
-    "map_medium": "mAP medium",
-    "map_large": "mAP large",
-    "mar_100": "mAR@100",
-}
+__all__ = ["format_metrics", "json_safe", "write_json"]
 
 
 def json_safe(value: Any) -> Any:
@@ -57,8 +48,8 @@ def format_metrics(metrics: Mapping[str, Any], id2label: Mapping[int, str], pref
             return "-"
         return f"{100 * float(number):.1f}"
 
-    present = [(key, name) for key, name in _OVERALL.items() if prefix + key in metrics]
-    lines = ["  ".join(f"{name:>10}" for _, name in present), "  ".join(f"{value(key):>10}" for key, _ in present)]
+    present = [(key, name) for key, name in METRIC_NAMES.items() if prefix + key in metrics]
+    lines = ["  ".join(f"{name:>12}" for _, name in present), "  ".join(f"{value(key):>12}" for key, _ in present)]
     names = [id2label[k] for k in sorted(id2label, key=int)]
     width = max([len("class"), *map(len, names)])
     lines += ["", f"{'class':<{width}}  {'AP':>6}", "-" * (width + 8)]

@@ -12,6 +12,7 @@ are collected in reverse method resolution order, so they come first in `--help`
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -211,6 +212,13 @@ class DetectionTrainingArguments(TrainingArguments, DetectionArguments):
             self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every loader otherwise
         super().__post_init__()
         self.validate_detection()
+        if "tensorboard" in self.report_to and not (
+            importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+        ):
+            raise ValueError(
+                "report_to includes 'tensorboard', but the tensorboard package is not installed: "
+                "pip install 'hf-sad[tensorboard]' (or pip install tensorboard), or choose another --report_to."
+            )
         if self.hub_strategy != "end":
             raise ValueError(
                 f"hub_strategy={self.hub_strategy!r} is not supported: hf-sad pushes the finished model once, at the "

@@ -1,20 +1,31 @@
-"""Bad and unusual images, labeled and unlabeled, map-style and streaming: never a silent crash, never lost work.
+"""From dataset rows to model inputs (`hf_sad.collator`): decoding, box cleaning, category mapping, augmentation.
 
-Decodable images of any mode (grayscale, bilevel, LA, RGBA, palette with/without transparency, 16-bit PNG, float
-TIFF, CMYK JPEG, EXIF-rotated JPEG, GIF, WebP, BMP, 1x1, 8x8) become RGB and are used. Undecodable ones (corrupt
+Images: decodable images of any mode (grayscale, bilevel, LA, RGBA, palette with/without transparency, 16-bit PNG,
+float TIFF, CMYK JPEG, EXIF-rotated JPEG, GIF, WebP, BMP, 1x1, 8x8) become RGB and are used. Undecodable ones (corrupt
 bytes, truncated JPEG, zero bytes, a CSV, random noise, a zero-byte file and a text file on disk) are skipped when
 unlabeled (warned with their name, counted in `skipped_images`), and are an error naming them when labeled unless
-`skip_bad_labeled_images`. Too many skips stop the run with examples, but only after `min_images_before_skip_check`
-images. A batch whose every image was skipped becomes a placeholder with a zero loss and no update. A 8000x6000 JPEG
-is decoded at reduced scale (peak memory measured in a subprocess). Boxes of an EXIF-rotated image are taken in its
-displayed orientation (as annotation tools show it).
+`skip_bad_labeled_images`. A batch whose every image was skipped becomes a placeholder with a zero loss and no
+gradient. A 8000x6000 JPEG is decoded at reduced scale (peak memory measured in a subprocess). Boxes of an
+EXIF-rotated image are taken in its displayed orientation (as annotation tools show it).
+
+Annotations:
+- zero-area and inverted boxes (w or h <= 0): dropped, counted (`num_dropped_boxes`), warned about once with examples;
+- boxes reaching outside the image: clipped; boxes entirely outside: dropped and counted;
+- NaN / inf coordinates: an error naming the image (path, image_id or stream position) and the box;
+- category ids unknown to the model: an error naming the id and the model's labels;
+- images without boxes: valid; duplicate boxes: kept.
+
+Augmentation is seeded by each row's `sample_index` and moves the boxes with the pixels. What happens to skipped
+images and dropped boxes during training (counting, stopping) is tested in test_callbacks.py.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -24,29 +35,25 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from hf_sad.data import SADDataCollator, decode_image
-from hf_sad.synthetic import make_labeled_dataset
+from hf_sad.collator import SADDataCollator, clean_boxes, decode_image
+from hf_sad.data import build_training_stream
+from hf_sad.image_processing_sad import prepare_coco_detection_target
+from hf_sad.synthetic import SYNTHETIC_LABELS, synthetic_id2label
 from hf_sad.trainer import SADTrainer
 
-from .robust_utils import (
-    bad_image_bytes,
+from .utils import (
+    GOOD_BOX,
+    IMAGE_SIZE,
     detection_dataset,
     image_value,
     jpeg,
     make_args,
     scene,
     tiny_detector,
-    unlabeled_pool,
     unusual_image_bytes,
 )
 
 UNUSUAL = unusual_image_bytes()
-BAD = bad_image_bytes()
-
-
-@pytest.fixture(scope="module")
-def labeled(tmp_path_factory):
-    return make_labeled_dataset(8, seed=0, image_size=64, cache_dir=str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +61,23 @@ def processor():
     return tiny_detector()[1]
 
 
-@pytest.fixture(scope="module")
-def bad_values(tmp_path_factory):
-    """Every undecodable input: in-memory bytes, plus a zero-byte file and a text file on disk (path only)."""
-    folder = tmp_path_factory.mktemp("bad_files")
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "notes.png").write_text("not an image, despite the name\n")
-    values = {name: image_value(data, name) for name, data in BAD.items()}
-    values["zero_byte_file"] = {"bytes": None, "path": str(folder / "empty.jpg")}
-    values["text_file"] = {"bytes": None, "path": str(folder / "notes.png")}
-    return values
-
-
 def training_row(value, index=0, labeled=False, boxes=(), categories=()):
     return {"image": value, "objects": {"bbox": [list(b) for b in boxes], "category": list(categories)},
             "is_labeled": labeled, "sample_index": index}
+
+
+def collate_boxes(processor, picture, boxes, categories=None, training=True):
+    categories = categories if categories is not None else [0] * len(boxes)
+    row = {"image": picture, "objects": {"bbox": boxes, "category": categories}, "image_id": 3}
+    if training:
+        row = {**row, "is_labeled": True, "sample_index": 11}
+    collator = SADDataCollator(processor, hflip_prob=0.0, scale_range=(1.0, 1.0), id2label=synthetic_id2label())
+    return collator, collator([row])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(UNUSUAL))
@@ -129,7 +138,7 @@ def test_undecodable_unlabeled_image_is_skipped_counted_and_named(name, bad_valu
     collator = SADDataCollator(processor)
     good = image_value(jpeg(), "good")
     rows = [training_row(good, 0), training_row(bad_values[name], 1), training_row(good, 2)]
-    with caplog.at_level(logging.WARNING, logger="hf_sad.data"):
+    with caplog.at_level(logging.WARNING, logger="hf_sad.collator"):
         batch = collator(rows)
     assert batch["pixel_values"].shape[0] == 2 and int(batch["num_skipped"]) == 1
     path = bad_values[name]["path"]
@@ -166,84 +175,10 @@ def test_batch_with_every_image_skipped_is_a_placeholder_with_zero_loss(tmp_path
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
-def test_training_where_every_image_is_undecodable_never_updates_the_model(tmp_path, bad_values):
-    """Labeled images all bad, skipping chosen: every batch is a placeholder; no weight, buffer or optimizer change."""
-    bad = [bad_values[name] for name in ("corrupt_bytes", "truncated_jpeg", "not_an_image", "random_noise")]
-    data = detection_dataset(bad, [{"bbox": [[1, 1, 4, 4]], "category": [0]}] * len(bad))
-    model, processor = tiny_detector()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = make_args(tmp_path, skip_bad_labeled_images=True, max_steps=2, per_device_train_batch_size=2)
-    trainer = SADTrainer(model, None, args, data, processing_class=processor)
-    result = trainer.train()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(not state for state in trainer.optimizer.state.values())  # AdamW never stepped
-    assert result.metrics["skipped_images"] == 4 and result.metrics["nonfinite_steps"] == 0
-
-
-@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
-def test_training_skips_and_counts_undecodable_unlabeled_images(tmp_path, labeled, bad_values, streaming, caplog):
-    """Unlabeled pool = good + the 7 bad inputs; 8-row batches alternate L, U: step 1 reads the good image and 3 bad
-    ones, step 2 the other 4 bad ones (a batch of labeled rows only)."""
-    names = sorted(bad_values)
-    good = image_value(jpeg(scene(64, 64)), "good")
-    pool = unlabeled_pool([good] + [bad_values[name] for name in names], streaming=streaming)
-    model, processor = tiny_detector()
-    teacher, _ = tiny_detector(seed=1)
-    args = make_args(tmp_path, distill_loss="adl", max_steps=2, per_device_train_batch_size=8)
-    trainer = SADTrainer(model, teacher, args, labeled, pool, processing_class=processor)
-    with caplog.at_level(logging.WARNING, logger="hf_sad.data"):
-        result = trainer.train()
-    logged = [entry["skipped_images"] for entry in trainer.state.log_history if "loss" in entry]
-    assert logged == [3, 7]  # cumulative
-    assert result.metrics["skipped_images"] == 7
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    for name in names:
-        assert bad_values[name]["path"] in warned, name
-    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
-
-
-def test_dataloader_workers_report_skips_through_the_batch(tmp_path, labeled, bad_values):
-    """With a worker process the collator's own counter is invisible to the trainer; the batch carries the count."""
-    good = image_value(jpeg(scene(64, 64)), "good")
-    pool = unlabeled_pool([good, bad_values["truncated_jpeg"]] * 4, streaming=True)
-    model, processor = tiny_detector()
-    args = make_args(tmp_path, max_steps=2, dataloader_num_workers=1)
-    trainer = SADTrainer(model, None, args, labeled, pool, processing_class=processor)
-    result = trainer.train()
-    assert result.metrics["skipped_images"] == 2
-    assert trainer.data_collator.stats.images_seen == 0  # the collator ran in the worker, not here
-
-
-def test_too_many_skipped_images_stop_the_run_with_examples(tmp_path, labeled, bad_values):
-    good = image_value(jpeg(scene(64, 64)), "good")
-    pool = unlabeled_pool([good, bad_values["corrupt_bytes"]] * 4, streaming=True)
-    model, processor = tiny_detector()
-    args = make_args(tmp_path, max_steps=3, min_images_before_skip_check=4, max_skipped_image_fraction=0.2)
-    trainer = SADTrainer(model, None, args, labeled, pool, processing_class=processor)
-    with pytest.raises(RuntimeError) as error:
-        trainer.train()
-    message = str(error.value)
-    assert "1 of the 4 training images" in message and "max_skipped_image_fraction=0.2" in message
-    assert "'corrupt_bytes.img' sample_index=3" in message
-
-
-def test_labeled_undecodable_image_stops_training_naming_it_or_is_skipped_when_chosen(tmp_path, bad_values):
-    good = image_value(jpeg(scene(64, 64)), "good")
-    images = [good, good, bad_values["zero_byte_file"], good]
-    data = detection_dataset(images, [{"bbox": [[4, 4, 16, 16]], "category": [0]}] * 4)
-    model, processor = tiny_detector()
-    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=4)
-    with pytest.raises(ValueError, match="Could not decode the labeled image .*empty.jpg"):
-        SADTrainer(model, None, args, data, processing_class=processor).train()
-    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=4, skip_bad_labeled_images=True)
-    result = SADTrainer(model, None, args, data, processing_class=processor).train()
-    assert result.metrics["skipped_images"] == 1
-
-
 LARGE_IMAGE_PROBE = textwrap.dedent("""
     import json, re, sys
     from PIL import Image
-    from hf_sad.data import SADDataCollator, decode_image
+    from hf_sad.collator import SADDataCollator, decode_image
     from hf_sad.image_processing_sad import SADImageProcessor
 
     def status_mb(field):
@@ -292,16 +227,104 @@ def test_very_large_jpeg_is_decoded_at_reduced_scale_without_exhausting_memory(t
     assert min(result["centre"]) > 1.5  # white (normalised) at the box centre: boxes scaled with the pixels
 
 
-def test_undecodable_evaluation_image_is_named_or_skipped_when_chosen(tmp_path, labeled, bad_values):
-    """Evaluation images reach the collator undecoded too: a bad one is named (not an anonymous datasets error)."""
-    good = [{"bytes": jpeg(scene(64, 64)), "path": f"val{i}.jpg"} for i in range(2)]
-    evaluation = detection_dataset(good + [bad_values["corrupt_bytes"], bad_values["truncated_jpeg"]],
-                                   [{"bbox": [[4, 4, 16, 16]], "category": [0]}] * 4)
+# ----------------------------------------------------------------------------------------------------------------------
+# Boxes and categories
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_degenerate_and_inverted_boxes_are_dropped_counted_and_warned_once(processor, picture, caplog, training):
+    boxes = [GOOD_BOX, [10, 10, 0, 5], [10, 10, 5, 0], [30, 30, -8, 6], [30, 30, 6, -8], [0, 0, 0, 0]]
+    with caplog.at_level(logging.WARNING, logger="hf_sad.collator"):
+        collator, batch = collate_boxes(processor, picture, boxes, training=training)
+        collator([{"image": picture, "objects": {"bbox": [[1, 1, 0, 3]], "category": [0]}, "image_id": 4}])
+    assert len(batch["labels"][0]["boxes"]) == 1 and int(batch["num_dropped_boxes"]) == 5
+    assert collator.stats.boxes_dropped == 6
+    warnings = [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once per collator, then only counted
+    assert "Dropped 5 box(es)" in warnings[0] and "bbox [10.0, 10.0, 0.0, 5.0]" in warnings[0]
+    assert "image_id=3" in warnings[0] or "sample_index=11" in warnings[0]
+
+
+def test_boxes_outside_the_image_are_clipped_and_boxes_entirely_outside_are_dropped(processor, picture):
+    boxes = [[-10, -6, 30, 26], [50, 40, 30, 40], [70, 10, 5, 5], [-20, 10, 10, 5], GOOD_BOX]
+    _, batch = collate_boxes(processor, picture, boxes, training=False)
+    labels = batch["labels"][0]
+    assert int(batch["num_dropped_boxes"]) == 2
+    expected_xyxy = torch.tensor([[0, 0, 20, 20], [50, 40, 64, 64], [8, 8, 28, 24]], dtype=torch.float32)
+    centre = (expected_xyxy[:, :2] + expected_xyxy[:, 2:]) / 2
+    expected = torch.cat([centre, expected_xyxy[:, 2:] - expected_xyxy[:, :2]], dim=1) / 64
+    torch.testing.assert_close(labels["boxes"], expected, rtol=0, atol=1e-6)
+
+
+def test_clean_boxes_leaves_boxes_inside_the_image_bit_for_bit():
+    boxes = torch.tensor([[10.3, 7.1, 20.7, 13.9], [0.1, 0.2, 63.8, 63.7]])
+    cleaned, categories, dropped = clean_boxes(boxes, [1, 2], 64, 64, "x")
+    assert torch.equal(cleaned, boxes) and categories == [1, 2] and dropped == []
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("training", [True, False])
+def test_non_finite_coordinates_are_an_error_naming_the_sample(processor, picture, value, training):
+    expected = r"Annotation of image 'picture.img' .*(image_id=3|sample_index=11).*NaN or inf"
+    with pytest.raises(ValueError, match=expected):
+        collate_boxes(processor, picture, [GOOD_BOX, [5, value, 10, 10]], training=training)
+    with pytest.raises(ValueError, match="image_id=9.*NaN or infinite"):
+        prepare_coco_detection_target({"image_id": 9, "annotations": [{"bbox": [1, 2, value, 4], "category_id": 0}]},
+                                      (64, 64))
+
+
+def test_unknown_category_id_is_an_error_naming_the_id_and_the_known_labels(tmp_path, processor, picture):
+    with pytest.raises(ValueError) as error:
+        collate_boxes(processor, picture, [GOOD_BOX], categories=[7], training=False)
+    message = str(error.value)
+    assert "category id 7" in message and "'circle'" in message and "image_id=3" in message
+    with pytest.raises(ValueError, match="category id -1"):
+        collate_boxes(processor, picture, [GOOD_BOX], categories=[-1], training=True)
+
+    # Plain integer categories (no ClassLabel) in a training dataset: refused when the stream reaches the image.
+    data = detection_dataset([picture, image_value(jpeg(scene(64, 64)), "odd")],
+                             [{"bbox": [GOOD_BOX], "category": [1]}, {"bbox": [GOOD_BOX], "category": [17]}],
+                             class_label=False)
     model, processor = tiny_detector()
-    args = make_args(tmp_path, per_device_eval_batch_size=2)
-    with pytest.raises(ValueError, match="Could not decode the labeled image 'corrupt_bytes.img'"):
-        SADTrainer(model, None, args, labeled, eval_dataset=evaluation, processing_class=processor).evaluate()
-    args = make_args(tmp_path, per_device_eval_batch_size=2, skip_bad_labeled_images=True)
-    trainer = SADTrainer(model, None, args, labeled, eval_dataset=evaluation, processing_class=processor)
-    metrics = trainer.evaluate()  # the second batch is all bad: a placeholder that scores no image
-    assert 0.0 <= metrics["eval_map"] <= 1.0
+    trainer = SADTrainer(model, None, make_args(tmp_path, max_steps=1), data, processing_class=processor)
+    with pytest.raises(ValueError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "'odd.img'" in message and "category id 17" in message
+    assert all(f"'{name}'" in message for name in SYNTHETIC_LABELS)
+
+
+def test_images_without_boxes_are_valid_and_duplicate_boxes_are_kept(tmp_path, processor, picture):
+    _, batch = collate_boxes(processor, picture, [GOOD_BOX, GOOD_BOX, GOOD_BOX], categories=[0, 0, 2])
+    assert len(batch["labels"][0]["boxes"]) == 3 and batch["labels"][0]["class_labels"].tolist() == [0, 0, 2]
+    _, batch = collate_boxes(processor, picture, [])
+    assert batch["labels"][0]["boxes"].shape == (0, 4)
+
+    images = [picture, image_value(jpeg(scene(64, 64)), "empty")]
+    data = detection_dataset(images, [{"bbox": [], "category": []}, {"bbox": [GOOD_BOX, GOOD_BOX], "category": [1, 1]}])
+    model, processor = tiny_detector()
+    trainer = SADTrainer(model, None, make_args(tmp_path, max_steps=2, per_device_train_batch_size=2), data,
+                         processing_class=processor)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_collator_augmentation_is_seeded_by_sample_index_and_keeps_boxes_on_objects(labeled, processor):
+    collator = SADDataCollator(processor, hflip_prob=1.0, scale_range=(1.0, 1.0))
+    rows = list(build_training_stream(labeled).take(2))
+    first, again = collator(rows), collator(copy.deepcopy(rows))
+    assert torch.equal(first["pixel_values"], again["pixel_values"])
+    plain = SADDataCollator(processor, hflip_prob=0.0, scale_range=(1.0, 1.0))(rows)
+    # Flipped image = mirrored pixels; boxes mirrored in normalised cx.
+    valid = (..., slice(0, IMAGE_SIZE), slice(0, IMAGE_SIZE))  # the images, without the padding
+    torch.testing.assert_close(first["pixel_values"][valid], plain["pixel_values"][valid].flip(-1), rtol=0, atol=1e-5)
+    for flipped, straight in zip(first["labels"], plain["labels"]):
+        torch.testing.assert_close(flipped["boxes"][:, 0], 1 - straight["boxes"][:, 0], rtol=0, atol=1e-5)
+    assert first["is_labeled"].all()

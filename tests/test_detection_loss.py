@@ -1,0 +1,63 @@
+"""The detector's supervised loss (`hf_sad.detection_loss`): sigmoid focal loss and box regression loss against an
+independent computation, the GIoU box loss, images without boxes, and clear errors for bad labels."""
+
+import pytest
+import torch
+from torchvision.ops import box_convert, sigmoid_focal_loss
+
+from hf_sad.box_ops import encode_boxes
+from hf_sad.detection_loss import assign_anchors
+
+from .utils import LABELS, make_labels, tiny_detector
+
+
+def test_focal_and_box_loss_match_independent_computation(tiny_model):
+    model, _ = tiny_model
+    labels = make_labels([(0, 0.5, 0.5, 0.4, 0.3), (2, 0.2, 0.25, 0.15, 0.2)], [(1, 0.7, 0.6, 0.3, 0.5)])
+    out = model(torch.randn(2, 3, 128, 128), labels=labels)
+    assignment = assign_anchors(out.anchors, labels, out.image_sizes, model.config)
+
+    # Independent: per image, one-hot targets from the assignment, torchvision's focal loss on non-ignored anchors.
+    cls_sum, box_sum, num_pos = 0.0, 0.0, 0
+    for i, target in enumerate(labels):
+        pos = assignment.labels[i] == 1
+        valid = assignment.labels[i] >= 0
+        matched = assignment.matched_idx[i]
+        onehot = torch.zeros_like(out.logits[i])
+        onehot[pos, target["class_labels"][matched[pos]]] = 1
+        cls_sum += sigmoid_focal_loss(out.logits[i][valid], onehot[valid], alpha=0.25, gamma=2.0, reduction="sum")
+        gt = box_convert(target["boxes"] * 128, "cxcywh", "xyxy")[matched[pos]]
+        deltas = encode_boxes(gt, out.anchors[pos])
+        box_sum += torch.nn.functional.smooth_l1_loss(out.box_regression[i][pos], deltas, beta=1 / 9, reduction="sum")
+        num_pos += int(pos.sum())
+    assert num_pos > 0
+    torch.testing.assert_close(out.loss_dict["loss_cls"], cls_sum.detach() / num_pos)
+    torch.testing.assert_close(out.loss_dict["loss_box"], box_sum.detach() / num_pos)
+    torch.testing.assert_close(out.loss, (cls_sum + box_sum) / num_pos)
+
+
+def test_giou_box_loss_runs_and_is_bounded():
+    model, _ = tiny_detector(id2label=LABELS, box_loss="giou")
+    out = model(torch.randn(1, 3, 128, 128), labels=make_labels([(1, 0.5, 0.5, 0.5, 0.5)]))
+    assert 0 <= out.loss_dict["loss_box"] <= 2  # GIoU loss per box lies in [0, 2]
+    out.loss.backward()
+
+
+def test_empty_targets_are_valid_negatives(tiny_model):
+    model, _ = tiny_model
+    out = model(torch.randn(2, 3, 128, 128), labels=make_labels([], []))
+    assert torch.isfinite(out.loss)
+    assert out.loss_dict["loss_box"] == 0 and out.loss_dict["num_positives"] == 1  # clamped normaliser
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bad_labels_raise_clear_errors(tiny_model):
+    model, _ = tiny_model
+    x = torch.randn(1, 3, 128, 128)
+    with pytest.raises(ValueError, match=r"labels\[0\]: class id 5 is outside"):
+        model(x, labels=make_labels([(5, 0.5, 0.5, 0.2, 0.2)]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(x, labels=make_labels([(0, float("nan"), 0.5, 0.2, 0.2)]))
+    with pytest.raises(ValueError, match="lacks"):
+        model(x, labels=[{"boxes": torch.zeros(0, 4)}])

@@ -1,0 +1,192 @@
+"""Distillation (`hf_sad.distillation`): which teachers are accepted, and the SAD loss of a training step.
+
+Teachers: one whose classes (names, order or count), pyramid levels or anchors differ from the student's is refused
+with the differences, by `check_teacher_compatible`, `SADTrainer` and `hf_sad.cli.main([...])` (after a CLI failure the
+output folder holds no weights and no checkpoint); so are a missing or unloadable teacher, a teacher of the wrong kind,
+and a distillation loss without a teacher.
+
+The loss: identical teacher and student start with near-zero distillation; unlabeled rows get no supervised loss
+(only distillation, which does not train the box head); the teacher's detections (pseudo-boxes) train box regression
+on unlabeled rows, weighted by `pseudo_box_weight`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hf_sad.cli import main
+from hf_sad.data import build_training_stream
+from hf_sad.distillation import check_teacher_compatible
+from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
+from hf_sad.trainer import SADTrainer
+
+from .utils import (
+    IMAGE_SIZE,
+    TINY_CLI,
+    TWO_LABELS,
+    assert_nothing_trained,
+    make_args,
+    save_detector,
+    student_and_teacher,
+    tiny_detector,
+)
+
+REVERSED = dict(enumerate(reversed(SYNTHETIC_LABELS)))
+
+
+RENAMED = {i: f"class{i}" for i in range(len(SYNTHETIC_LABELS))}
+
+
+FEWER = dict(enumerate(SYNTHETIC_LABELS[:3]))
+
+
+#: name -> (teacher overrides, what the error must mention)
+INCOMPATIBLE_TEACHERS = {
+    "class_names": ({"id2label": RENAMED}, "classes (by id)"),
+    "class_order": ({"id2label": REVERSED}, "classes (by id)"),
+    "class_count": ({"id2label": FEWER}, "classes (by id)"),
+    "max_level": ({"max_level": 6}, "max_level: teacher 6 vs student 7"),
+    "min_level": ({"min_level": 4}, "min_level: teacher 4 vs student 3"),
+    "aspect_ratios": ({"aspect_ratios": [1.0]}, "aspect_ratios: teacher [1.0]"),
+    "scales_per_octave": ({"scales_per_octave": 2}, "scales_per_octave: teacher 2 vs student 3"),
+    "anchor_scale": ({"anchor_scale": 3.0}, "anchor_scale: teacher 3.0 vs student 4.0"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Teachers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_incompatible_teacher_is_refused_with_the_differences():
+    student, _ = tiny_detector(id2label=TWO_LABELS)
+    teacher, _ = tiny_detector(id2label={0: "b", 1: "a"}, max_level=6, aspect_ratios=[1.0])
+    with pytest.raises(ValueError) as err:
+        check_teacher_compatible(teacher, student)
+    message = str(err.value)
+    assert "max_level: teacher 6 vs student 7" in message
+    assert "aspect_ratios" in message and "classes (by id)" in message
+
+
+@pytest.mark.parametrize("case", sorted(INCOMPATIBLE_TEACHERS))
+def test_incompatible_teacher_is_refused_by_trainer_and_cli(tmp_path, labeled, case):
+    overrides, expected = INCOMPATIBLE_TEACHERS[case]
+    student, processor = tiny_detector()
+    teacher, teacher_processor = tiny_detector(seed=1, **overrides)
+    args = make_args(tmp_path, distill_loss="adl")
+    with pytest.raises(ValueError) as error:
+        SADTrainer(student, teacher, args, labeled, processing_class=processor)
+    assert expected in str(error.value) and "Build the student with the teacher's" in str(error.value)
+
+    save_detector((teacher, teacher_processor), tmp_path / "teacher")
+    with pytest.raises(ValueError, match="not compatible for distillation") as error:
+        main(["distill", "--teacher", str(tmp_path / "teacher"), "--output_dir", str(tmp_path / "cli"), *TINY_CLI])
+    assert expected in str(error.value)
+    assert_nothing_trained(tmp_path / "cli")
+
+
+def test_missing_teacher_path_fails_clearly(tmp_path, labeled):
+    student, _, processor = student_and_teacher()
+    with pytest.raises(ValueError, match="Could not load the teacher"):
+        SADTrainer(student, str(tmp_path / "nowhere"), make_args(tmp_path, distill_loss="adl"), labeled,
+                   processing_class=processor)
+
+
+@pytest.mark.parametrize("where", ["missing", "empty_folder", "a_file"])
+def test_missing_or_unloadable_teacher_is_refused_by_trainer_and_cli(tmp_path, labeled, where):
+    teacher = tmp_path / where
+    if where == "empty_folder":
+        teacher.mkdir()
+    elif where == "a_file":
+        teacher.write_text("not a model")
+    student, processor = tiny_detector()
+    with pytest.raises(ValueError, match=f"Could not load the teacher from '{teacher}'"):
+        SADTrainer(student, str(teacher), make_args(tmp_path, distill_loss="adl"), labeled, processing_class=processor)
+    with pytest.raises(ValueError, match="Could not load the teacher"):
+        main(["distill", "--teacher", str(teacher), "--output_dir", str(tmp_path / "cli"), *TINY_CLI])
+    assert_nothing_trained(tmp_path / "cli")
+
+
+def test_teacher_of_the_wrong_kind_or_none_is_refused(tmp_path, labeled):
+    student, processor = tiny_detector()
+    with pytest.raises(TypeError, match="teacher must be a SADForObjectDetection, got Linear"):
+        SADTrainer(student, nn.Linear(2, 2), make_args(tmp_path, distill_loss="adl"), labeled,
+                   processing_class=processor)
+    with pytest.raises(ValueError, match="needs a teacher_model.*distill_loss='none'"):
+        SADTrainer(student, None, make_args(tmp_path, distill_loss="kl"), labeled, processing_class=processor)
+    with pytest.raises(SystemExit):
+        main(["distill", "--output_dir", str(tmp_path / "cli"), *TINY_CLI])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loss of a training step
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_identical_teacher_and_student_start_with_near_zero_distillation(tmp_path):
+    # 16 channels on 96 px images, not TINY on 64 px: there two random heads differ by < 1e-3 (the bound checked below).
+    size = 96
+    data = make_labeled_dataset(12, seed=0, image_size=size, cache_dir=str(tmp_path / "cache"))
+
+    def first_log(teacher):
+        args = make_args(tmp_path, distill_loss="adl", max_steps=1, learning_rate=0.0)
+        trainer = SADTrainer(student, teacher, args, data, make_unlabeled_stream(image_size=size),
+                             processing_class=processor)
+        trainer.train()
+        return trainer.state.log_history[0]
+
+    # ConvNeXt normalises with LayerNorm, which behaves the same in training and evaluation; with batch norm the
+    # training student (batch statistics) and its frozen copy (running statistics) would differ by design.
+    models = [tiny_detector(seed=seed, backbone="convnext_atto", image_size={"height": size, "width": size},
+                            fpn_channels=16, head_channels=16) for seed in range(2)]
+    (student, processor), (other_teacher, _) = models
+    for seed, (model, _) in enumerate(models):  # fresh heads all predict the prior; make them differ
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            weight = model.class_head.predictor.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    same = first_log(copy.deepcopy(student))
+    other = first_log(other_teacher)
+    for key in ("loss_distill_labeled", "loss_distill_unlabeled"):
+        assert same[key] < 1e-6 and other[key] > 1e-3, (key, same[key], other[key])
+    assert same["loss_gt"] > 0.1
+
+
+def unlabeled_batch(trainer, labeled):
+    rows = list(build_training_stream(labeled, make_unlabeled_stream(image_size=IMAGE_SIZE)).take(8))[1::2]
+    inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+    assert not inputs["is_labeled"].any()
+    return inputs
+
+
+def test_unlabeled_rows_get_no_supervised_loss(tmp_path, labeled):
+    """A batch of only unlabeled rows: the supervised term is absent and only distillation moves the student."""
+    student, teacher, processor = student_and_teacher()
+    trainer = SADTrainer(student, teacher, make_args(tmp_path, distill_loss="adl", pseudo_box_weight=0.0), labeled,
+                         processing_class=processor)
+    student.train()
+    loss = trainer.compute_loss(student, unlabeled_batch(trainer, labeled))
+    assert "loss_gt" not in trainer._metrics and "loss_distill_unlabeled" in trainer._metrics
+    assert "loss_box_pseudo" not in trainer._metrics
+    torch.testing.assert_close(loss.detach(), torch.tensor(trainer._metrics["loss_distill_unlabeled"][0]))
+    loss.backward()
+    assert not student.box_head.predictor.weight.grad.any(), "soft targets alone must not train the box head"
+
+
+def test_pseudo_boxes_train_box_regression_on_unlabeled_rows(tmp_path, labeled):
+    """The teacher's detections are hard boxes for the box loss of unlabeled images, weighted by pseudo_box_weight."""
+    student, teacher, processor = student_and_teacher()
+    args = make_args(tmp_path, distill_loss="adl", pseudo_label_threshold=0.005, pseudo_box_weight=2.0)
+    trainer = SADTrainer(student, teacher, args, labeled, processing_class=processor)
+    student.train()
+    loss = trainer.compute_loss(student, unlabeled_batch(trainer, labeled))
+    box, distill = trainer._metrics["loss_box_pseudo"][0], trainer._metrics["loss_distill_unlabeled"][0]
+    assert trainer._metrics["pseudo_boxes_per_image"][0] > 0 and box > 0
+    torch.testing.assert_close(loss.detach(), torch.tensor(distill + 2.0 * box))
+    loss.backward()
+    assert student.box_head.predictor.weight.grad.abs().sum() > 0
+    assert trainer.distillation_hyperparameters()["pseudo_box_weight"] == 2.0

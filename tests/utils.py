@@ -1,0 +1,246 @@
+"""Shared test helpers (not a test module): paths, the tiny model sizes and label maps, tiny models, arguments and CLI
+flags, image files and datasets, worker subprocesses.
+
+The tiny sizes are defined here once (`TINY`, `TINY_FLAGS`); a test that needs more capacity or another size passes
+an explicit override. Every bad or unusual input is generated here with PIL or by hand; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import TrainerCallback
+
+from hf_sad import create_detector
+from hf_sad.synthetic import SYNTHETIC_LABELS, synthetic_id2label
+from hf_sad.training_args import SADTrainingArguments
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BCCD = SHARED / "datasets" / "bccd"
+#: Run as a subprocess (or by torchrun) by the fault tests of test_callbacks.py and test_distributed.py.
+FAULT_WORKER = REPO / "tests" / "robust_worker.py"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny sizes and label maps
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: The detector every test builds unless it says why it needs more: 8-channel pyramid and heads, one conv per head.
+TINY = dict(fpn_channels=8, head_channels=8, head_num_convs=1)
+#: `TINY` as `hf-sad` command-line flags.
+TINY_FLAGS = [part for name, value in TINY.items() for part in (f"--{name}", str(value))]
+#: Images (synthetic datasets and the processor's input size) are IMAGE_SIZE x IMAGE_SIZE pixels.
+IMAGE_SIZE = 64
+SIZE = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+
+#: Three classes, for the model tests (logits have exactly 3 columns).
+LABELS = {0: "circle", 1: "square", 2: "triangle"}
+#: Two classes, for tests where only the label map matters.
+TWO_LABELS = {0: "a", 1: "b"}
+
+#: A complete one-step `hf-sad train`/`distill` run on 4 synthetic images: add --output_dir (and --teacher).
+TINY_CLI = ["--student", "resnet18", "--train_data", "synthetic:4", "--synthetic_image_size", str(IMAGE_SIZE),
+            "--image_size", str(IMAGE_SIZE), *TINY_FLAGS, "--max_steps", "1", "--per_device_train_batch_size", "2",
+            "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"]
+
+
+def tiny_detector(seed: int = 0, **overrides):
+    """A tiny detector and its processor, with weights drawn after `torch.manual_seed(seed)`.
+
+    By default a ResNet-18 with the `TINY` pyramid and heads, the synthetic classes and IMAGE_SIZE px input;
+    `overrides` replace `backbone`, `id2label`, `image_size` or set any other `SADConfig` field.
+    """
+    torch.manual_seed(seed)
+    settings = {"backbone": "resnet18", "id2label": synthetic_id2label(), "image_size": SIZE, **TINY, **overrides}
+    return create_detector(settings.pop("backbone"), settings.pop("id2label"), **settings)
+
+
+def student_and_teacher():
+    """A tiny student (seed 0) and a wider ResNet-34 teacher (seed 1) with the same classes and anchors."""
+    student, processor = tiny_detector()
+    # A teacher larger than the student, as in distillation.
+    teacher, _ = tiny_detector(seed=1, backbone="resnet34", fpn_channels=24, head_channels=24)
+    return student, teacher, processor
+
+
+def save_detector(detector, folder: Path) -> Path:
+    """Save a `(model, processor)` pair where `from_pretrained` finds both; returns the folder."""
+    model, processor = detector
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_labels(*boxes_per_image):
+    """Per image a list of (class, cx, cy, w, h) normalised -> transformers detection labels."""
+    return [
+        {
+            "class_labels": torch.tensor([b[0] for b in boxes], dtype=torch.long),
+            "boxes": torch.tensor([b[1:] for b in boxes], dtype=torch.float32).reshape(-1, 4),
+        }
+        for boxes in boxes_per_image
+    ]
+
+
+def make_args(tmp_path, **kwargs) -> SADTrainingArguments:
+    """Arguments of a short supervised CPU run (`distill_loss="none"`, 2 steps of 4 images); `kwargs` override."""
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=2,
+        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True, distill_loss="none",
+    )
+    return SADTrainingArguments(**{**defaults, **kwargs})
+
+
+def assert_nothing_trained(output_dir: Path) -> None:
+    """The output folder holds no weights and no checkpoint (a run that failed before its first step)."""
+    found = sorted(p.name for p in output_dir.glob("*")) if output_dir.exists() else []
+    assert not [name for name in found if name.startswith("checkpoint") or name.endswith(".safetensors")], found
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` optimizer steps (the schedule still spans max_steps)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images and datasets
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: A box (COCO x, y, w, h) well inside a 64 px image.
+GOOD_BOX = [8.0, 8.0, 20.0, 16.0]
+
+
+def encode(image: Image.Image, fmt: str, **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_kwargs)
+    return buffer.getvalue()
+
+
+def scene(width: int = 48, height: int = 40, colour=(30, 60, 90)) -> Image.Image:
+    """A plain RGB picture with a white square, so that decoded pixels can be checked."""
+    image = Image.new("RGB", (width, height), colour)
+    ImageDraw.Draw(image).rectangle([4, 4, min(width, 20) - 1, min(height, 20) - 1], fill=(255, 255, 255))
+    return image
+
+
+def jpeg(image: Image.Image | None = None, **kwargs) -> bytes:
+    return encode(image or scene(), "JPEG", quality=95, **kwargs)
+
+
+#: Undecodable inputs: name -> bytes (the zero-byte / non-image *files* on disk are made by the tests themselves).
+def bad_image_bytes() -> dict[str, bytes]:
+    full = jpeg()
+    return {
+        "corrupt_bytes": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,  # a PNG signature, then garbage
+        "truncated_jpeg": full[: len(full) // 2],
+        "zero_bytes": b"",
+        "not_an_image": b"name,value\nthis is a csv file, not an image\n",
+        "random_noise": np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes(),
+    }
+
+
+def unusual_image_bytes() -> dict[str, tuple[bytes, tuple[int, int]]]:
+    """Decodable but unusual inputs: name -> (bytes, displayed (width, height))."""
+    exif_rotated = Image.new("RGB", (40, 24), (200, 10, 10))
+    exif = exif_rotated.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    palette = scene().convert("P")
+    return {
+        "grayscale": (encode(scene().convert("L"), "PNG"), (48, 40)),
+        "bilevel": (encode(scene().convert("1"), "PNG"), (48, 40)),
+        "grayscale_alpha": (encode(scene().convert("LA"), "PNG"), (48, 40)),
+        "rgba": (encode(scene().convert("RGBA"), "PNG"), (48, 40)),
+        "palette": (encode(palette, "PNG"), (48, 40)),
+        "palette_transparency": (encode(palette, "PNG", transparency=0), (48, 40)),
+        "png_16bit": (encode(Image.fromarray(np.full((40, 48), 40000, np.uint16)), "PNG"), (48, 40)),
+        "tiff_float": (encode(Image.fromarray(np.full((40, 48), 0.5, np.float32)), "TIFF"), (48, 40)),
+        "cmyk_jpeg": (encode(Image.new("CMYK", (48, 40), (0, 200, 200, 0)), "JPEG"), (48, 40)),
+        "exif_rotated_jpeg": (jpeg(exif_rotated, exif=exif.tobytes()), (24, 40)),
+        "gif": (encode(scene(), "GIF"), (48, 40)),
+        "webp": (encode(scene(), "WEBP"), (48, 40)),
+        "bmp": (encode(scene(), "BMP"), (48, 40)),
+        "tiny_1x1": (encode(Image.new("RGB", (1, 1), (255, 0, 0)), "PNG"), (1, 1)),
+        "tiny_8x8": (encode(scene(8, 8), "PNG"), (8, 8)),
+    }
+
+
+def image_value(data: bytes, name: str) -> dict:
+    """An undecoded datasets image value, as the training stream carries it."""
+    return {"bytes": data, "path": f"{name}.img"}
+
+
+def unlabeled_pool(values: list[dict], streaming: bool):
+    """An unlabeled dataset (map-style or streaming) of undecoded images stored as given, bad ones included."""
+    features = datasets.Features({"image": datasets.Image()})
+    pool = datasets.Dataset.from_dict({"image": values}, features=features)
+    if not streaming:
+        return pool
+
+    def generate():
+        yield from ({"image": value} for value in values)
+
+    return datasets.IterableDataset.from_generator(generate, features=features)
+
+
+def detection_dataset(images: list[dict], objects: list[dict], class_label: bool = True) -> datasets.Dataset:
+    """A labeled dataset in the transformers detection schema from undecoded images and {bbox, category} dicts."""
+    category = datasets.ClassLabel(names=SYNTHETIC_LABELS) if class_label else datasets.Value("int64")
+    features = datasets.Features({
+        "image": datasets.Image(),
+        "objects": {"bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+                    "category": datasets.List(category)},
+    })
+    return datasets.Dataset.from_dict({"image": images, "objects": objects}, features=features)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Subprocesses
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def worker_env(tmp_path) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def distill_args(teacher: Path, output_dir: Path) -> list[str]:
+    """`hf-sad distill` flags of the fault worker's runs: 6 steps of 2 images, a checkpoint every 2 steps."""
+    return ["--teacher", str(teacher), "--student", "resnet18", "--image_size", str(IMAGE_SIZE), *TINY_FLAGS,
+            "--train_data", "synthetic:8", "--synthetic_image_size", str(IMAGE_SIZE), "--unlabeled_data", "synthetic",
+            "--output_dir", str(output_dir), "--max_steps", "6", "--per_device_train_batch_size", "2",
+            "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
+            "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", "--dataloader_num_workers", "0",
+            "--use_cpu"]
+
+
+def start(command: list[str], env: dict) -> subprocess.Popen:
+    """Start `command` in the repository root, stdout and stderr together, in its own process group."""
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # own process group: killed as a whole on timeout
+
+
+def finish(process: subprocess.Popen, timeout: float) -> str:
+    """The output of a `start`ed process; on timeout its whole process group is killed and the test fails."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{process.args[0]} did not finish in {timeout} s:\n{output[-6000:]}")
+    return output

@@ -22,7 +22,7 @@ from hf_sad.demo import QUICK, run_demo
 from hf_sad.inference import class_colour, draw_detections
 from hf_sad.synthetic import SYNTHETIC_LABELS, generate_scene
 
-from .utils import IMAGE_SIZE, REPO, TINY, TINY_FLAGS
+from .utils import GOOD_BOX, IMAGE_SIZE, REPO, TINY, TINY_FLAGS, detection_dataset, image_value, jpeg, scene
 
 HF_SAD = Path(sys.executable).with_name("hf-sad")
 
@@ -222,6 +222,11 @@ def test_console_script_shows_data_errors_as_one_message(tmp_path):
                              str(tmp_path / "nowhere.json")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.startswith("hf-sad: error: ") and "Traceback" not in result.stderr
+    assert f"{tmp_path / 'nowhere.json'}: no such COCO annotation file" in result.stderr
+    result = subprocess.run([str(HF_SAD), "predict", "--model", str(tmp_path / "missing"), "--images", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"hf-sad: error: {tmp_path / 'missing'}: no such model folder")
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +288,24 @@ def test_predict_hints_when_nothing_clears_the_threshold(trained_model, tmp_path
     assert "No detection scored above --threshold 0.999999 (the best score was" in out
     best = float(out.split("the best score was ")[1].split(")")[0])
     assert 0 < best < 0.999999 and math.isfinite(best)
+
+
+def test_class_names_come_from_the_data_or_class_names_else_an_error(tmp_path):
+    """Plain integer categories need --class_names; names that are metric keys ("small") train, evaluate and save."""
+    images = [image_value(jpeg(scene(64, 64)), f"img{i}") for i in range(4)]
+    objects = [{"bbox": [GOOD_BOX], "category": [i % 3]} for i in range(4)]
+    detection_dataset(images, objects, class_label=False).save_to_disk(str(tmp_path / "plain"))
+    run = ["--train_data", str(tmp_path / "plain"), "--eval_data", str(tmp_path / "plain"), *TINY_MODEL, *TINY_RUN]
+    with pytest.raises(ValueError, match=r"categories of .*plain are plain integers.*--class_names"):
+        main(["train", "--output_dir", str(tmp_path / "refused"), *run])
+    assert not (tmp_path / "refused").exists()
+
+    main(["train", "--output_dir", str(tmp_path / "out"), "--class_names", "small", "50", "cell", *run])
+    model = AutoModelForObjectDetection.from_pretrained(tmp_path / "out")
+    assert model.config.id2label == {0: "small", 1: "50", 2: "cell"}
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {"eval_map_small", "eval_map_class_small", "eval_map_class_50", "eval_map_cell"} <= set(results)
+
+    with pytest.raises(ValueError, match=r"--class_names \['a', 'b'\] disagree with the class names of synthetic"):
+        main(["train", "--output_dir", str(tmp_path / "x"), "--class_names", "a,b", *TINY_MODEL, *TINY_RUN,
+              "--train_data", "synthetic:4"])

@@ -282,14 +282,13 @@ def test_unknown_category_id_is_an_error_naming_the_id_and_the_known_labels(tmp_
     with pytest.raises(ValueError, match="category id -1"):
         collate_boxes(processor, picture, [GOOD_BOX], categories=[-1], training=True)
 
-    # Plain integer categories (no ClassLabel) in a training dataset: refused when the stream reaches the image.
+    # Plain integer categories (no ClassLabel) in a training dataset: refused before the first step.
     data = detection_dataset([picture, image_value(jpeg(scene(64, 64)), "odd")],
                              [{"bbox": [GOOD_BOX], "category": [1]}, {"bbox": [GOOD_BOX], "category": [17]}],
                              class_label=False)
     model, processor = tiny_detector()
-    trainer = SADTrainer(model, None, make_args(tmp_path, max_steps=1), data, processing_class=processor)
     with pytest.raises(ValueError) as error:
-        trainer.train()
+        SADTrainer(model, None, make_args(tmp_path, max_steps=1), data, processing_class=processor)
     message = str(error.value)
     assert "'odd.img'" in message and "category id 17" in message
     assert all(f"'{name}'" in message for name in SYNTHETIC_LABELS)

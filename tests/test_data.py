@@ -12,6 +12,7 @@ ResNet-18 of tests/utils.py, so everything runs in seconds on a CPU.
 from __future__ import annotations
 
 import json
+import logging
 
 import datasets
 import pytest
@@ -23,7 +24,9 @@ from hf_sad.collator import SADDataCollator
 from hf_sad.data import (
     build_training_stream,
     category_mapping,
+    check_labeled_dataset,
     dataset_label_names,
+    detection_features,
     load_coco_detection,
     load_labeled_dataset,
     load_unlabeled_images,
@@ -270,7 +273,7 @@ def test_stream_mixes_labeled_and_unlabeled_and_numbers_rows(labeled):
     assert all(len(r["objects"]["bbox"]) == 0 for r in rows if not r["is_labeled"])
 
 
-def test_non_finite_box_in_a_training_dataset_stops_before_any_update_naming_the_image(tmp_path, picture):
+def test_non_finite_box_in_a_training_dataset_stops_before_the_first_step_naming_the_image(tmp_path, picture):
     images = [picture, image_value(jpeg(scene(64, 64)), "bad_box_image")]
     objects = [{"bbox": [GOOD_BOX], "category": [0]}, {"bbox": [[1.0, float("nan"), 4.0, 4.0]], "category": [1]}]
     data = detection_dataset(images, objects)
@@ -278,10 +281,8 @@ def test_non_finite_box_in_a_training_dataset_stops_before_any_update_naming_the
         list(build_training_stream(data, num_shards=1).take(4))
     model, processor = tiny_detector()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = SADTrainer(model, None, make_args(tmp_path, max_steps=1), data, processing_class=processor)
-    with pytest.raises(ValueError, match="bad_box_image.img"):
-        trainer.train()
-    assert trainer.state.global_step == 0
+    with pytest.raises(ValueError, match="bad_box_image.img"):  # found before the first step
+        SADTrainer(model, None, make_args(tmp_path, max_steps=1), data, processing_class=processor).train()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -356,10 +357,7 @@ def test_datasets_without_the_expected_columns_are_refused_listing_schema_and_co
     with pytest.raises(ValueError, match="streaming train_dataset has no length: set max_steps"):
         SADTrainer(student, None, make_args(tmp_path, max_steps=-1), streaming, processing_class=processor)
 
-    renamed = labeled.cast_column("objects", datasets.Features({
-        "id": datasets.List(datasets.Value("int64")), "area": datasets.List(datasets.Value("float32")),
-        "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-        "category": datasets.List(datasets.ClassLabel(names=[f"x{i}" for i in range(len(SYNTHETIC_LABELS))]))}))
+    renamed = labeled.cast(detection_features([f"x{i}" for i in range(len(SYNTHETIC_LABELS))]))
     with pytest.raises(ValueError, match=r"categories \['x0', .*not among the model's labels"):
         SADTrainer(student, None, args, renamed, processing_class=processor)
     with pytest.raises(ValueError, match="eval_dataset classes"):
@@ -380,3 +378,191 @@ def test_cli_refuses_datasets_without_the_expected_columns(tmp_path, labeled, sa
         main(["distill", "--teacher", str(saved_teacher), "--unlabeled_data", str(tmp_path / "pool"),
               "--output_dir", str(tmp_path / "cli"), *TINY_CLI])
     assert_nothing_trained(tmp_path / "cli")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# COCO files as they come, and the layouts users have
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_coco(folder, images, annotations, categories=({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}),
+               name="annotations.json", image_dir="images"):
+    """A COCO json with the given entries; every image entry gets a real 64 px file in `image_dir`."""
+    (folder / image_dir).mkdir(parents=True, exist_ok=True)
+    for image in images:
+        if "file_name" in image:
+            scene(64, 64).save(folder / image_dir / image["file_name"])
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": list(categories)}))
+    return path
+
+
+def image_entry(image_id, **extra):
+    return {"id": image_id, "file_name": f"{image_id}.png", "width": 64, "height": 64, **extra}
+
+
+def test_coco_iscrowd_is_kept_through_dataset_stream_and_collator(tmp_path, detector):
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "iscrowd": 0},
+                   {"id": 2, "image_id": 1, "category_id": 2, "bbox": [30, 30, 30, 30], "iscrowd": 1, "area": 500}]
+    dataset = load_coco_detection(write_coco(tmp_path, [image_entry(1)], annotations))
+    objects = dataset[0]["objects"]
+    assert objects["iscrowd"] == [0, 1] and objects["area"] == [400.0, 500.0]  # a crowd's own area is kept
+    model, processor = detector
+    mapping = category_mapping(dataset, {0: "circle", 1: "square"})
+    rows = list(build_training_stream(dataset, category_map=mapping, num_shards=1).take(1))
+    assert rows[0]["objects"]["iscrowd"] == [0, 1]
+    batch = SADDataCollator(processor, hflip_prob=0.0, scale_range=(1.0, 1.0))(rows)
+    assert batch["labels"][0]["iscrowd"].tolist() == [0, 1]
+    evaluation = SADDataCollator(processor, category_map=mapping)(list(dataset.cast_column(
+        "image", datasets.Image(decode=False))))
+    assert evaluation["labels"][0]["iscrowd"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("annotation", "expected"),
+    [
+        ({"bbox": [1, 2, 3]}, r"annotation 7 \(image_id 1\): objects\[0\]: bbox must be \[x, y, w, h\] .*\[1, 2, 3\]"),
+        ({"bbox": [1, 2, 3, 4, 5]}, r"annotation 7 \(image_id 1\).*4 numbers\), got \[1, 2, 3, 4, 5\]"),
+        ({"bbox": ["1", "2", "a", "4"]}, r"annotation 7 \(image_id 1\).*must hold 4 numbers"),
+        ({"bbox": None}, r"annotation 7 \(image_id 1\).*got None"),
+        ({"bbox": "1 2 3 4"}, r"annotation 7 \(image_id 1\).*got '1 2 3 4'"),
+        ({"bbox": [1, 2, 3, 4], "category_id": "1"}, r"annotation 7 \(image_id 1\): category_id '1' is not one of"),
+        ({"bbox": [1, 2, 3, 4], "category_id": 9}, r"annotation 7 \(image_id 1\): category_id 9 is not one of the ids"),
+        ({"bbox": [1, 2, 3, 4], "image_id": 5}, r"annotation 7 refers to image_id 5, which is not in 'images'"),
+        ({"bbox": [1, 2, 3, 4], "iscrowd": 2}, r"annotation 7 \(image_id 1\): iscrowd must be 0 or 1"),
+        ({}, r"annotation 7 \(image_id 1\) has no 'bbox'"),
+    ],
+    ids=["3_numbers", "5_numbers", "strings", "null", "a_string", "string_category", "unknown_category",
+         "unknown_image", "bad_iscrowd", "missing_bbox"],
+)
+def test_malformed_coco_annotations_name_the_file_the_ids_and_the_problem(tmp_path, annotation, expected):
+    path = write_coco(tmp_path, [image_entry(1)], [{"id": 7, "image_id": 1, "category_id": 1, **annotation}])
+    with pytest.raises(ValueError, match=rf"{path}: {expected}"):
+        load_coco_detection(path)
+
+
+def test_duplicate_coco_image_ids_are_an_error_naming_them(tmp_path):
+    images = [image_entry(1), image_entry(2), {**image_entry(1), "file_name": "other.png"}]
+    path = write_coco(tmp_path, images, [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}])
+    with pytest.raises(ValueError, match=r"1 image id\(s\) appear more than once in 'images' \(e.g. \[1\]\)"):
+        load_coco_detection(path)
+
+
+def test_normalised_boxes_and_wrong_image_sizes_are_warned_about_with_counts(tmp_path, detector, caplog):
+    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [0.1, 0.2, 0.3, 0.4]} for i in (1, 2)]
+    images = [image_entry(1), image_entry(2, width=640, height=480)]  # the files are 64 x 64
+    path = write_coco(tmp_path, images, annotations)
+    with caplog.at_level(logging.WARNING, logger="hf_sad"):
+        dataset = load_coco_detection(path)
+    assert "all 2 boxes have every coordinate in [0, 1]" in caplog.text and "look normalised" in caplog.text
+    caplog.clear()
+    model, processor = detector
+    with caplog.at_level(logging.WARNING, logger="hf_sad"):
+        SADTrainer(model, None, make_args(tmp_path), dataset, processing_class=processor)
+    assert "1 of 2 images have another size in their annotation file than on disk" in caplog.text
+    assert "640x480 in the data, 64x64 in the file" in caplog.text
+
+
+def test_missing_image_files_are_found_before_the_first_step(tmp_path, detector):
+    path = write_coco(tmp_path, [image_entry(i) for i in range(1, 4)],
+                      [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}])
+    for name in ("2.png", "3.png"):
+        (tmp_path / "images" / name).unlink()
+    model, processor = detector
+    with pytest.raises(FileNotFoundError, match=r"train_dataset: 2 of 3 image files do not exist, e\.g\. .*2\.png"):
+        SADTrainer(model, None, make_args(tmp_path), load_coco_detection(path), processing_class=processor)
+
+
+def test_objects_null_and_malformed_rows_of_a_dataset_are_named(tmp_path, detector, picture):
+    model, processor = detector
+    for objects, expected in [
+        (None, "`objects` is null"),
+        ({"bbox": [[1.0, 2.0, 3.0]], "category": [0]}, r"objects\[0\]: bbox must be \[x, y, w, h\]"),
+        ({"bbox": [GOOD_BOX], "category": ["circle"]}, r"objects\[0\] category must be an integer id, got 'circle'"),
+    ]:
+        data = datasets.Dataset.from_dict({"image": [picture], "objects": [objects], "image_id": [4]})
+        with pytest.raises(ValueError, match=rf"train_dataset row 0 \('picture.img', image_id=4\).*{expected}"):
+            SADTrainer(model, None, make_args(tmp_path), data, processing_class=processor)
+    data = datasets.Dataset.from_dict({"image": [picture], "objects": [{"bbox": [GOOD_BOX]}]})
+    with pytest.raises(ValueError, match=r"train_dataset has `objects` with fields \['bbox'\]"):
+        SADTrainer(model, None, make_args(tmp_path), data, processing_class=processor)
+
+
+def test_standard_coco_layout_is_found_and_image_dir_is_an_option(tmp_path, detector):
+    root = tmp_path / "coco"
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20]}]
+    path = write_coco(root, [image_entry(1)], annotations, name="annotations/instances_val2017.json",
+                      image_dir="val2017")
+    for source in (path, root):  # the json itself, or the dataset folder with split val2017
+        dataset = load_labeled_dataset(source, split="val2017")
+        assert dataset[0]["image"].size == (64, 64)  # decodes: the images were found in val2017/
+    elsewhere = write_coco(tmp_path / "other", [image_entry(1)], annotations, image_dir="pictures")
+    misplaced = load_labeled_dataset(elsewhere)  # looks beside the json, where the images are not
+    with pytest.raises(FileNotFoundError, match=r"1 of 1 image files do not exist.*--image_dir"):
+        check_labeled_dataset(misplaced, "train_dataset")
+    assert load_labeled_dataset(elsewhere, image_dir=elsewhere.parent / "pictures")[0]["image"].size == (64, 64)
+
+
+def test_saved_dataset_dict_and_labeled_parquet_layouts(tmp_path, labeled):
+    datasets.DatasetDict({"train": labeled, "validation": labeled.select(range(2))}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert len(load_labeled_dataset(tmp_path / "dict", split="validation")) == 2
+    with pytest.raises(ValueError, match=r"DatasetDict with splits \['train', 'validation'\]; there is no split"):
+        load_labeled_dataset(tmp_path / "dict", split="test")
+
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    labeled.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    labeled.select(range(3)).to_parquet(str(tmp_path / "hub" / "data" / "validation-00000-of-00001.parquet"))
+    folder = load_labeled_dataset(tmp_path / "hub", split="validation")
+    single = load_labeled_dataset(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    glob = load_labeled_dataset(str(tmp_path / "hub" / "data" / "*.parquet"))
+    assert (len(folder), len(single), len(glob)) == (3, len(labeled), len(labeled) + 3)
+    assert dataset_label_names(single) == SYNTHETIC_LABELS  # the ClassLabel names travel in the parquet schema
+
+
+@pytest.mark.parametrize("source", ["coco/train.json", "./data", "/nowhere/at/all", "data/train/part.parquet"])
+def test_local_paths_that_do_not_exist_are_missing_paths_not_hub_ids(tmp_path, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"{source}: no such"):
+        load_labeled_dataset(source)
+    with pytest.raises(FileNotFoundError, match=f"{source}: no"):
+        load_unlabeled_images(source)
+
+
+def test_empty_sources_are_errors_naming_them(tmp_path, labeled, detector):
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=rf"The unlabeled folder {tmp_path / 'pool'} is empty"):
+        load_unlabeled_images(tmp_path / "pool")
+    empty_coco = write_coco(tmp_path / "none", [], [])
+    with pytest.raises(ValueError, match="is empty: 0 labeled images"):
+        load_labeled_dataset(empty_coco)
+    model, processor = detector
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        SADTrainer(model, None, make_args(tmp_path), labeled.select([]), processing_class=processor)
+
+    def nothing():
+        yield from ()
+
+    features = datasets.Features({"image": datasets.Image()})
+    empty_stream = datasets.IterableDataset.from_generator(nothing, features=features)
+    with pytest.raises(ValueError, match="unlabeled_dataset is empty"):
+        SADTrainer(model, tiny_detector(seed=1)[0], make_args(tmp_path, distill_loss="adl"), labeled, empty_stream,
+                   processing_class=processor)
+    with pytest.raises(ValueError, match="unlabeled_ratio=0 would never read it"):
+        SADTrainer(model, None, make_args(tmp_path, unlabeled_ratio=0.0), labeled,
+                   make_unlabeled_stream(image_size=IMAGE_SIZE), processing_class=processor)
+
+
+def test_a_corrupt_parquet_shard_is_named_before_training(tmp_path, unlabeled_images):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pool = datasets.Dataset.from_dict({"image": unlabeled_images}, features=datasets.Features(
+        {"image": datasets.Image()}))
+    for shard in range(2):
+        pool.shard(2, shard).to_parquet(str(folder / f"part-{shard}.parquet"))
+    data = (folder / "part-1.parquet").read_bytes()
+    (folder / "part-1.parquet").write_bytes(data[: len(data) // 2])  # truncated mid-file
+    with pytest.raises(ValueError, match=r"The parquet shard .*part-1\.parquet cannot be read"):
+        load_unlabeled_images(folder)

@@ -61,3 +61,35 @@ def test_bad_labels_raise_clear_errors(tiny_model):
         model(x, labels=make_labels([(0, float("nan"), 0.5, 0.2, 0.2)]))
     with pytest.raises(ValueError, match="lacks"):
         model(x, labels=[{"boxes": torch.zeros(0, 4)}])
+
+
+def test_crowd_boxes_are_ignore_regions_not_targets(tiny_model):
+    """Anchors inside an `iscrowd` box are neither positives nor negatives; the crowd box matches no anchor."""
+    model, _ = tiny_model
+    real = (0, 0.25, 0.25, 0.2, 0.2)
+    crowd = (1, 0.7, 0.7, 0.5, 0.5)  # a large crowd region in the lower right
+    with_crowd = make_labels([real, crowd])
+    with_crowd[0]["iscrowd"] = torch.tensor([0, 1])
+    without = make_labels([real])
+    as_object = make_labels([real, crowd])  # what loading without the flag used to do
+    pixels = torch.randn(1, 3, 128, 128)
+    out = model(pixels, labels=with_crowd)
+    crowd_assignment = assign_anchors(out.anchors, with_crowd, out.image_sizes, model.config)
+    plain = assign_anchors(out.anchors, without, out.image_sizes, model.config)
+    object_assignment = assign_anchors(out.anchors, as_object, out.image_sizes, model.config)
+
+    crowd_xyxy = box_convert(torch.tensor(crowd[1:]) * 128, "cxcywh", "xyxy")
+    anchors = out.anchors
+    area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    inter = (torch.minimum(anchors[:, 2:], crowd_xyxy[2:]) - torch.maximum(anchors[:, :2], crowd_xyxy[:2]))
+    inside = inter.clamp(min=0).prod(dim=1) / area >= model.config.crowd_ioa_threshold
+    assert inside.sum() > 10
+    labels = crowd_assignment.labels[0]
+    assert (labels[inside] == -1).all(), "anchors inside the crowd region are ignored"
+    assert torch.equal(labels[~inside], plain.labels[0][~inside]), "elsewhere the crowd box changes nothing"
+    assert (object_assignment.labels[0][inside] == 1).any(), "as an ordinary box it would have made positives"
+    # The loss equals the loss without the crowd box but with its region left out of the classification term.
+    expected = model(pixels, labels=without).loss_dict
+    assert out.loss_dict["num_positives"] == expected["num_positives"]
+    assert out.loss_dict["loss_box"] == expected["loss_box"]
+    assert out.loss_dict["loss_cls"] < expected["loss_cls"]  # fewer anchors counted as background

@@ -17,12 +17,14 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import box_convert
 
 from hf_sad.cli import main
 from hf_sad.data import build_training_stream
-from hf_sad.distillation import check_teacher_compatible
+from hf_sad.distillation import check_teacher_compatible, sad_loss
 from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
 from hf_sad.trainer import SADTrainer
+from hf_sad.training_args import DistillationArguments
 
 from .utils import (
     IMAGE_SIZE,
@@ -96,17 +98,22 @@ def test_missing_teacher_path_fails_clearly(tmp_path, labeled):
                    processing_class=processor)
 
 
-@pytest.mark.parametrize("where", ["missing", "empty_folder", "a_file"])
+@pytest.mark.parametrize("where", ["missing", "empty_folder", "a_file", "its_config_json"])
 def test_missing_or_unloadable_teacher_is_refused_by_trainer_and_cli(tmp_path, labeled, where):
     teacher = tmp_path / where
     if where == "empty_folder":
         teacher.mkdir()
     elif where == "a_file":
         teacher.write_text("not a model")
+    elif where == "its_config_json":  # a saved teacher's config.json instead of its folder
+        teacher = save_detector(tiny_detector(seed=1), tmp_path / "saved") / "config.json"
+    expected = (rf"The teacher '{teacher}' is a file; pass the folder that holds the saved model .*"
+                rf"'{teacher.parent}'" if teacher.is_file() else f"Could not load the teacher from '{teacher}'")
     student, processor = tiny_detector()
-    with pytest.raises(ValueError, match=f"Could not load the teacher from '{teacher}'"):
+    with pytest.raises(ValueError, match=expected) as error:
         SADTrainer(student, str(teacher), make_args(tmp_path, distill_loss="adl"), labeled, processing_class=processor)
-    with pytest.raises(ValueError, match="Could not load the teacher"):
+    assert "weights_only" not in str(error.value)  # never the unpickling advice torch.load gives
+    with pytest.raises(ValueError, match=expected):
         main(["distill", "--teacher", str(teacher), "--output_dir", str(tmp_path / "cli"), *TINY_CLI])
     assert_nothing_trained(tmp_path / "cli")
 
@@ -190,3 +197,31 @@ def test_pseudo_boxes_train_box_regression_on_unlabeled_rows(tmp_path, labeled):
     loss.backward()
     assert student.box_head.predictor.weight.grad.abs().sum() > 0
     assert trainer.distillation_hyperparameters()["pseudo_box_weight"] == 2.0
+
+
+def test_crowd_regions_of_labeled_images_are_left_out_of_distillation():
+    """Whatever the teacher says inside a crowd region of a labeled image does not reach the student: the teacher's
+    logits there can change without changing the loss, unless the region were an ordinary box."""
+    student, teacher, processor = student_and_teacher()
+    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        outputs, teacher_outputs = student(pixels), teacher(pixels)
+    crowd_box = torch.tensor([[0.6, 0.6, 0.7, 0.7]])  # normalised cxcywh: a large lower-right region
+    labels = [{"class_labels": torch.tensor([1, 2]), "boxes": torch.cat([torch.tensor([[0.2, 0.2, 0.2, 0.2]]),
+                                                                         crowd_box]), "iscrowd": torch.tensor([0, 1])}]
+    as_object = [{k: v for k, v in labels[0].items() if k != "iscrowd"}]
+    args = DistillationArguments(distill_loss="adl")
+    anchors, crowd_xyxy = outputs.anchors, box_convert(crowd_box[0] * IMAGE_SIZE, "cxcywh", "xyxy")
+    overlap = (torch.minimum(anchors[:, 2:], crowd_xyxy[2:]) - torch.maximum(anchors[:, :2], crowd_xyxy[:2]))
+    area = (anchors[:, 2:] - anchors[:, :2]).prod(dim=1)
+    deep_inside = overlap.clamp(min=0).prod(dim=1) / area >= student.config.crowd_ioa_threshold
+    assert deep_inside.sum() > 5
+    changed = copy.deepcopy(teacher_outputs)
+    changed.logits[0, deep_inside] += 5.0
+
+    def distill(target, teacher_out):
+        result = sad_loss(student.config, outputs, teacher_out, target, torch.tensor([True]), args, processor)
+        return result.metrics["loss_distill_labeled"]
+
+    assert torch.equal(distill(labels, teacher_outputs), distill(labels, changed))
+    assert not torch.equal(distill(as_object, teacher_outputs), distill(as_object, changed))

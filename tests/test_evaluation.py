@@ -180,3 +180,28 @@ def test_evaluation_is_quiet(bccd, capsys):
     targets, predictions, id2label = bccd
     coco_map(predictions[:5], targets[:5], id2label)
     assert capsys.readouterr().out == ""
+
+
+def test_crowd_ground_truth_is_what_pycocotools_makes_of_it():
+    """A detector that finds the only real object of an image, which also holds a crowd region, scores AP 1: a
+    detection on the crowd region is neither a hit nor a miss (pycocotools' iscrowd rule)."""
+    target = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0], [60.0, 60.0, 120.0, 120.0]]),
+              "labels": torch.tensor([0, 0]), "iscrowd": torch.tensor([0, 1])}
+    found = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0], [70.0, 70.0, 100.0, 100.0]]),
+             "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 0])}
+    result = coco_map([found], [target], {0: "cell"})
+    assert result["map_50"] == pytest.approx(1.0) and result["map"] == pytest.approx(1.0)
+    as_objects = coco_map([found], [{k: v for k, v in target.items() if k != "iscrowd"}], {0: "cell"})
+    assert as_objects["map"] < 0.9  # the flag dropped: the crowd region becomes a box to find
+
+
+def test_class_names_that_are_metric_keys_get_their_own_keys():
+    id2label = {0: "small", 1: "50", 2: "cell", 3: "class_small"}
+    target = {"boxes": torch.tensor([[0.0, 0.0, 50.0, 50.0]]), "labels": torch.tensor([2])}
+    found = {**target, "scores": torch.tensor([0.9])}
+    result = coco_map([found], [target], id2label)
+    # The summary keys keep their meaning: the 50 x 50 px box is a medium object, there are no small ones.
+    assert result["map_medium"] == pytest.approx(1.0) and math.isnan(result["map_small"])
+    assert {"map_class_small", "map_class_50", "map_cell", "map_class_class_small"} <= set(result)
+    assert result["map_cell"] == pytest.approx(1.0)
+    assert math.isnan(result["map_class_small"]) and math.isnan(result["map_class_50"])  # absent from the data

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import pipeline
 from transformers.utils import ModelOutput
 
 from hf_sad.image_processing_sad import SADImageProcessor
+
+from .utils import save_detector, tiny_detector
 
 
 def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -339,3 +342,45 @@ def test_save_and_load_round_trip(tmp_path):
     image = _rgb(50, 70)
     torch.testing.assert_close(loaded(image)["pixel_values"], processor(image)["pixel_values"])
     assert loaded(image)["pixel_values"].shape == (1, 3, 128, 192)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [Image.new("RGB", (1, 1)), Image.new("RGB", (1, 2000)), Image.new("RGB", (2000, 1)), Image.new("RGB", (3, 5)),
+     Image.new("L", (50, 40)), Image.new("RGBA", (50, 40)), Image.new("CMYK", (50, 40)), Image.new("P", (50, 40)),
+     Image.fromarray(np.full((40, 50), 40000, np.uint16)), np.zeros((40, 50), np.uint8),
+     np.zeros((40, 50, 4), np.uint8), np.zeros((3, 40, 50), np.uint8), torch.zeros(40, 50, 3, dtype=torch.uint8)],
+    ids=["1x1", "1x2000", "2000x1", "3x5", "L", "RGBA", "CMYK", "P", "I16", "np_hw", "np_hw4", "np_chw", "torch_hwc"],
+)
+def test_odd_but_legal_images_give_detections_inside_them(image):
+    """Any image shape or mode a user can hand the processor runs through the model to boxes inside the image."""
+    model, processor = tiny_detector(id2label={0: "a"}, image_size=128)
+    width, height = image.size if isinstance(image, Image.Image) else (50, 40)
+    inputs = processor(images=image, return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    (found,) = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(height, width)])
+    assert len(found["boxes"]) > 0 and torch.isfinite(found["boxes"]).all()
+    assert (found["boxes"][:, 2] <= width).all() and (found["boxes"][:, 3] <= height).all()
+
+
+def test_no_image_is_a_clear_error():
+    with pytest.raises(ValueError, match="No images were given"):
+        SADImageProcessor()(images=[], return_tensors="pt")
+
+
+def test_pipeline_batches_when_the_processor_has_a_fixed_size(tmp_path):
+    """transformers' pipeline stacks per-image outputs: with batch_size > 1 every image must come out the same size,
+    which a fixed `size` or `pad_size` gives (the processor itself batches any sizes by padding)."""
+    import hf_sad  # noqa: F401  (local registration)
+
+    model, processor = tiny_detector(id2label={0: "a"}, image_size=128)
+    processor.pad_size = {"height": 256, "width": 256}  # every 128-px-shortest-edge image fits
+    save_detector((model, processor), tmp_path)
+    detector = pipeline("object-detection", model=str(tmp_path), batch_size=3)
+    images = [Image.new("RGB", size) for size in ((128, 128), (200, 128), (128, 180))]
+    results = detector(images, threshold=0.0)
+    assert len(results) == 3 and all(results)
+    processor.pad_size = None  # the processor alone pads a batch of any sizes to its largest image (x 128)
+    mixed = processor(images=images, return_tensors="pt")
+    assert mixed["pixel_values"].shape == (3, 3, 256, 256) and mixed["pixel_mask"][1, :128, :200].all()

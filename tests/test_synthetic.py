@@ -87,7 +87,7 @@ def test_labeled_dataset_schema(tmp_path):
     assert features["image_id"] == Value("int64")
     assert features["width"] == Value("int32") and features["height"] == Value("int32")
     objects = features["objects"]
-    assert set(objects) == {"id", "area", "bbox", "category"}
+    assert set(objects) == {"id", "area", "bbox", "category", "iscrowd"}
     assert isinstance(objects["category"], List) and isinstance(objects["category"].feature, ClassLabel)
     assert objects["category"].feature.names == SYNTHETIC_LABELS
     assert objects["bbox"].feature.length == 4
@@ -95,6 +95,7 @@ def test_labeled_dataset_schema(tmp_path):
     row = ds[0]
     assert row["image"].size == (64, 64) and row["width"] == row["height"] == 64
     assert len(row["objects"]["bbox"]) == len(row["objects"]["category"]) == len(row["objects"]["id"])
+    assert row["objects"]["iscrowd"] == [0] * len(row["objects"]["id"])
     ids = [i for r in ds for i in r["objects"]["id"]]
     assert len(set(ids)) == len(ids) and min(ids) >= 1
 

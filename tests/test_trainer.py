@@ -7,6 +7,7 @@ in test_callbacks.py.
 """
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,54 @@ def test_undecodable_evaluation_image_is_named_or_skipped_when_chosen(tmp_path, 
     trainer = SADTrainer(model, None, args, labeled, eval_dataset=evaluation, processing_class=processor)
     metrics = trainer.evaluate()  # the second batch is all bad: a placeholder that scores no image
     assert 0.0 <= metrics["eval_map"] <= 1.0
+
+
+def test_resume_with_changed_distillation_settings_is_refused_unless_allowed(tmp_path, labeled, caplog):
+    def run(resume=None, **settings):
+        student, teacher, processor = student_and_teacher()
+        args = make_args(tmp_path, **{"distill_loss": "adl", "max_steps": 2, "save_strategy": "steps", "save_steps": 2,
+                                      **settings})
+        trainer = SADTrainer(student, teacher, args, labeled, make_unlabeled_stream(image_size=IMAGE_SIZE),
+                             processing_class=processor)
+        return trainer.train(resume_from_checkpoint=resume)
+
+    run()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert json.loads((checkpoint / "run_settings.json").read_text())["distill_loss"] == "adl"
+    with pytest.raises(ValueError) as error:
+        run(resume=str(checkpoint), distill_loss="kl", unlabeled_ratio=0.25, max_steps=3)
+    message = str(error.value)
+    assert "distill_loss: 'adl' -> 'kl'" in message and "unlabeled_ratio: 0.5 -> 0.25" in message
+    assert "resume_with_changed_settings" in message
+    with caplog.at_level(logging.WARNING, logger="hf_sad"):
+        result = run(resume=str(checkpoint), distill_loss="kl", max_steps=3, resume_with_changed_settings=True)
+    assert result.global_step == 3 and "distill_loss: 'adl' -> 'kl'" in caplog.text
+
+
+def test_streaming_evaluation_set_with_an_undecodable_image_is_named_or_skipped(tmp_path, labeled, bad_values):
+    good = [{"bytes": jpeg(scene(64, 64)), "path": f"val{i}.jpg"} for i in range(2)]
+    evaluation = detection_dataset(good + [bad_values["corrupt_bytes"], bad_values["truncated_jpeg"]],
+                                   [{"bbox": [[4, 4, 16, 16]], "category": [0]}] * 4).to_iterable_dataset()
+    model, processor = tiny_detector()
+    args = make_args(tmp_path, per_device_eval_batch_size=2)
+    with pytest.raises(ValueError, match="Could not decode the labeled image 'corrupt_bytes.img'"):
+        SADTrainer(model, None, args, labeled, eval_dataset=evaluation, processing_class=processor).evaluate()
+    args = make_args(tmp_path, per_device_eval_batch_size=2, skip_bad_labeled_images=True)
+    metrics = SADTrainer(model, None, args, labeled, eval_dataset=evaluation, processing_class=processor).evaluate()
+    assert 0.0 <= metrics["eval_map"] <= 1.0
+
+
+def test_a_teacher_that_finds_nothing_on_unlabeled_images_is_warned_about(tmp_path, labeled, caplog, monkeypatch):
+    monkeypatch.setattr("hf_sad.trainer.PSEUDO_BOX_DROUGHT", 3)
+    student, teacher, processor = student_and_teacher()
+    with torch.no_grad():
+        teacher.class_head.predictor.bias.fill_(-30.0)  # every score ~0: nothing above any threshold
+    args = make_args(tmp_path, distill_loss="adl", max_steps=4, per_device_train_batch_size=4)
+    trainer = SADTrainer(student, teacher, args, labeled, make_unlabeled_stream(image_size=IMAGE_SIZE),
+                         processing_class=processor)
+    with caplog.at_level(logging.WARNING, logger="hf_sad"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "found no object above" in r.getMessage()]
+    assert warnings == ["The teacher found no object above pseudo_label_threshold=0.5 on the last 6 unlabeled "
+                        "images (3 batches in a row): they give no box targets. Lower --pseudo_label_threshold, or "
+                        "check that the teacher suits these images (pseudo_boxes_per_image in the logs)."]

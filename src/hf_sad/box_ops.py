@@ -22,6 +22,7 @@ __all__ = [
     "absolute_xyxy",
     "decode_boxes",
     "encode_boxes",
+    "ignore_crowd_regions",
     "make_anchors",
     "make_cell_anchors",
     "match_anchors",
@@ -160,6 +161,30 @@ def match_anchors(
         labels[is_best.any(dim=1)] = 1
     matched_idx = torch.where(labels == 1, matched_idx, torch.zeros_like(matched_idx))
     return AnchorAssignment(labels, matched_idx)
+
+
+def ignore_crowd_regions(
+    labels: torch.Tensor, anchors: torch.Tensor, crowd_boxes: list[torch.Tensor], ioa_threshold: float
+) -> torch.Tensor:
+    """Anchor labels (as `AnchorAssignment.labels`, (B, N)) with every anchor that is not a positive and lies at least
+    `ioa_threshold` of its area inside a crowd box of its image set to -1 (ignored: neither positive nor negative).
+
+    COCO's `iscrowd` boxes cover groups of objects that were not labeled one by one: an anchor inside one may well
+    sit on an object, so it must not be taught "background". Args: `anchors` (N, 4) and `crowd_boxes` per image
+    (K_i, 4), xyxy absolute pixels. Returns a new tensor.
+    """
+    labels = labels.clone()
+    anchor_area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    for image, crowd in enumerate(crowd_boxes):
+        if crowd.numel() == 0:
+            continue
+        crowd = crowd.to(anchors)
+        top_left = torch.maximum(anchors[:, None, :2], crowd[None, :, :2])
+        bottom_right = torch.minimum(anchors[:, None, 2:], crowd[None, :, 2:])
+        inside = (bottom_right - top_left).clamp(min=0).prod(dim=-1) / anchor_area[:, None]  # (N, K) IoA
+        covered = (inside >= ioa_threshold).any(dim=1)
+        labels[image, covered & (labels[image] != 1)] = -1
+    return labels
 
 
 def pad_boxes(boxes: list[torch.Tensor], classes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

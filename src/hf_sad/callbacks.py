@@ -8,6 +8,8 @@
 - `CompleteCheckpointCallback`: a `checkpoint-N.incomplete` marker beside a checkpoint folder while it is written, so
   that resumption never picks up a checkpoint whose writing was interrupted.
 - `SyncBuffersCallback`: after DDP training, every process gets rank 0's BatchNorm statistics before evaluation.
+- `RunSettingsCallback`: each checkpoint records the distillation settings it was trained with, so that resuming
+  with other settings is noticed.
 
 `SADTrainer` installs all four; `compute_loss` reports each training batch to the first two.
 """
@@ -33,14 +35,18 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "INCOMPLETE_SUFFIX",
     "CompleteCheckpointCallback",
+    "RunSettingsCallback",
     "SkipBadStepsCallback",
     "SkippedImagesCallback",
     "SyncBuffersCallback",
+    "changed_run_settings",
     "checkpoint_problems",
     "get_last_complete_checkpoint",
     "resolve_resume_checkpoint",
 ]
 
+#: The file in each checkpoint that records the settings of its run (`RunSettingsCallback`).
+RUN_SETTINGS = "run_settings.json"
 #: Suffix of the marker file `checkpoint-N.incomplete` that exists beside a checkpoint folder while it is written.
 INCOMPLETE_SUFFIX = ".incomplete"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -287,6 +293,32 @@ class CompleteCheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._drop_unused_marker()
+
+
+class RunSettingsCallback(TrainerCallback):
+    """Writes the settings that define a distillation run (`settings`: name -> JSON value, e.g. the loss and its
+    weights, the teacher) into every checkpoint as `run_settings.json`, so that a resumed run can be checked against
+    them (`changed_run_settings`)."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            (folder / RUN_SETTINGS).write_text(json.dumps(self.settings, indent=2, sort_keys=True))
+
+
+def changed_run_settings(checkpoint: str | Path, settings: dict[str, Any]) -> list[str]:
+    """`name: checkpoint value -> new value` for every setting that differs from those a checkpoint was written
+    with (nothing for a checkpoint without `run_settings.json`, e.g. one written by plain transformers)."""
+    path = Path(checkpoint) / RUN_SETTINGS
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    current = json.loads(json.dumps(settings))  # the same JSON round trip as the saved values
+    return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}"
+            for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
 
 
 def checkpoint_problems(checkpoint: str | Path) -> list[str]:

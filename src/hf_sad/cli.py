@@ -24,9 +24,10 @@ import yaml
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, HfArgumentParser, set_seed
 
 from .builder import create_detector
-from .data import dataset_label_names, load_labeled_dataset, load_unlabeled_images
+from .data import check_labeled_schema, dataset_label_names, load_labeled_dataset, load_unlabeled_images
+from .hub import is_hub_id, looks_like_local_path
 from .reporting import format_metrics, write_json
-from .synthetic import make_labeled_dataset, make_unlabeled_stream, synthetic_id2label
+from .synthetic import make_labeled_dataset, make_unlabeled_stream
 from .trainer import SADTrainer
 from .training_args import DetectionTrainingArguments, SADTrainingArguments
 
@@ -50,9 +51,18 @@ class DataArguments:
     _argument_group_name = "data"
 
     train_data: str = field(default="synthetic:256", metadata={"help": "Labeled training data."})
-    train_split: str = field(default="train", metadata={"help": "Split of a Hub/imagefolder training dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split of a DatasetDict, parquet or Hub dataset."})
+    train_image_dir: str | None = field(
+        default=None, metadata={"help": "Image folder of a COCO json whose images are not where it looks."}
+    )
     eval_data: str | None = field(default=None, metadata={"help": "Labeled evaluation data (COCO mAP)."})
-    eval_split: str = field(default="validation", metadata={"help": "Split of a Hub/imagefolder eval dataset."})
+    eval_split: str = field(default="validation", metadata={"help": "Split of the evaluation dataset."})
+    eval_image_dir: str | None = field(default=None, metadata={"help": "Image folder of the evaluation COCO json."})
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "Class names, in category-id order, for data whose categories are plain integers "
+                          "(an imagefolder, a saved dataset); data with names must agree with them."},
+    )
     unlabeled_data: str | None = field(default=None, metadata={"help": "Unlabeled images (folder, parquet, Hub id)."})
     unlabeled_split: str = field(default="train", metadata={"help": "Split of a Hub unlabeled dataset."})
     synthetic_image_size: int = field(default=128, metadata={"help": "Image side of the built-in synthetic data."})
@@ -126,13 +136,33 @@ def from_namespace(dtype: type, namespace: argparse.Namespace, **overrides):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_data(source: str, split: str, image_size: int, seed_offset: int = 0) -> datasets.Dataset:
+def load_data(
+    source: str, split: str, image_size: int, seed_offset: int = 0, image_dir: str | None = None
+) -> datasets.Dataset:
     """A labeled dataset from a source string (see `DataArguments`)."""
     name, _, count = source.partition(":")
     if name in ("synthetic", "synthetic-val"):
         seed = (1 if name == "synthetic-val" else 0) + seed_offset
         return make_labeled_dataset(int(count or 256), seed=seed, image_size=image_size)
-    return load_labeled_dataset(source, split=split)
+    return load_labeled_dataset(source, split=split, image_dir=image_dir)
+
+
+def class_names(dataset: datasets.Dataset, given: list[str] | None, source: str) -> list[str]:
+    """The classes to train: the data's own names, or `--class_names` where the data has plain integer categories;
+    neither (or the two disagreeing) is an error naming the source."""
+    check_labeled_schema(dataset, "train_dataset")
+    names = dataset_label_names(dataset)
+    if given:
+        given = [name for part in given for name in part.split(",") if name]  # "a,b,c" or a b c
+        if names is not None and names != given:
+            raise ValueError(f"--class_names {given} disagree with the class names of {source}: {names}.")
+        return given
+    if names is None:
+        raise ValueError(
+            f"The categories of {source} are plain integers, without class names (a ClassLabel feature or COCO "
+            "'categories'): pass them with --class_names NAME [NAME ...], in category-id order."
+        )
+    return names
 
 
 def load_unlabeled(source: str, split: str, image_size: int) -> datasets.IterableDataset:
@@ -141,11 +171,22 @@ def load_unlabeled(source: str, split: str, image_size: int) -> datasets.Iterabl
     return load_unlabeled_images(source, split=split)
 
 
+def load_saved_detector(source: str):
+    """(model, image processor) saved at the folder or Hub id `source`; a missing local folder is a
+    FileNotFoundError and a folder without a detector a ValueError, both naming `source`."""
+    if not Path(source).exists() and (looks_like_local_path(source) or not is_hub_id(source)):
+        raise FileNotFoundError(f"{source}: no such model folder (nor a Hub model id, namespace/name).")
+    try:
+        return AutoModelForObjectDetection.from_pretrained(source), AutoImageProcessor.from_pretrained(source)
+    except OSError as error:
+        raise ValueError(f"Could not load a detector and its image processor from {source}: {error}") from error
+
+
 def build_student(model_args: ModelArguments, id2label: dict[int, str]):
     """Load a saved model, or create a fresh one on the named timm backbone with the dataset's classes."""
-    if Path(model_args.student).is_dir() or "/" in model_args.student:
-        model = AutoModelForObjectDetection.from_pretrained(model_args.student)
-        return model, AutoImageProcessor.from_pretrained(model_args.student)
+    name = model_args.student
+    if Path(name).exists() or "/" in name or looks_like_local_path(name):
+        return load_saved_detector(name)
     return create_detector(
         model_args.student,
         id2label,
@@ -167,12 +208,13 @@ def run_training(
     optionally push. Ends as transformers' example scripts do (`***** train metrics *****`, `train_results.json`,
     `eval_results.json`, `all_results.json`, `trainer_state.json`), plus `results.json` and a per-class AP table.
     Returns the metrics."""
-    train = load_data(data_args.train_data, data_args.train_split, data_args.synthetic_image_size)
-    names = dataset_label_names(train)
-    id2label = dict(enumerate(names)) if names else synthetic_id2label()
+    train = load_data(data_args.train_data, data_args.train_split, data_args.synthetic_image_size,
+                      image_dir=data_args.train_image_dir)
+    id2label = dict(enumerate(class_names(train, data_args.class_names, data_args.train_data)))
     evaluation = None
     if data_args.eval_data:
-        evaluation = load_data(data_args.eval_data, data_args.eval_split, data_args.synthetic_image_size)
+        evaluation = load_data(data_args.eval_data, data_args.eval_split, data_args.synthetic_image_size,
+                               image_dir=data_args.eval_image_dir)
     unlabeled = None
     if data_args.unlabeled_data:
         unlabeled = load_unlabeled(data_args.unlabeled_data, data_args.unlabeled_split, data_args.synthetic_image_size)
@@ -274,7 +316,8 @@ class EvaluateArguments:
 
     model: str = field(metadata={"help": "A saved SAD model (path or Hub id)."})
     data: str = field(metadata={"help": "Labeled data (COCO json/folder, imagefolder, saved or Hub dataset)."})
-    split: str = field(default="validation", metadata={"help": "Split of a Hub/imagefolder dataset."})
+    split: str = field(default="validation", metadata={"help": "Split of a DatasetDict, parquet or Hub dataset."})
+    image_dir: str | None = field(default=None, metadata={"help": "Image folder of a COCO json."})
     output_file: str = field(default="evaluation.json", metadata={"help": "Where the metrics are written (JSON)."})
     batch_size: int = field(default=8, metadata={"help": "Images per forward pass."})
     synthetic_image_size: int = field(default=128, metadata={"help": "Image side of synthetic data."})
@@ -286,9 +329,8 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
 
     args = from_namespace(EvaluateArguments, parse("hf-sad evaluate", evaluate_main.__doc__, (EvaluateArguments,),
                                                    _argv(argv)))
-    data = load_data(args.data, args.split, args.synthetic_image_size)
-    model = AutoModelForObjectDetection.from_pretrained(args.model)
-    processor = AutoImageProcessor.from_pretrained(args.model)
+    data = load_data(args.data, args.split, args.synthetic_image_size, image_dir=args.image_dir)
+    model, processor = load_saved_detector(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         training_args = SADTrainingArguments(output_dir=tmp, distill_loss="none", report_to="none",
                                              per_device_eval_batch_size=args.batch_size, disable_tqdm=False)
@@ -319,8 +361,9 @@ def predict_main(argv: list[str] | None = None) -> dict:
 
     args = from_namespace(PredictArguments, parse("hf-sad predict", predict_main.__doc__, (PredictArguments,),
                                                   _argv(argv)))
-    report = predict_images(args.model, args.images, args.output_dir, threshold=args.threshold,
-                            batch_size=args.batch_size, device=args.device)
+    model, processor = load_saved_detector(args.model)
+    report = predict_images(model, args.images, args.output_dir, threshold=args.threshold,
+                            batch_size=args.batch_size, device=args.device, processor=processor)
     print(report.summary())
     return report.detections
 

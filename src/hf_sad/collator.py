@@ -27,7 +27,11 @@ from .image_processing_sad import SADImageProcessor, get_resize_output_size
 
 logger = logging.getLogger(__name__)
 
+#: File suffixes read as images where a folder is searched for them.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
 __all__ = [
+    "IMAGE_SUFFIXES",
     "CollationStats",
     "SADDataCollator",
     "clean_boxes",
@@ -63,11 +67,58 @@ def map_categories(
     return ids if mapping is None else [mapping[c] for c in ids]
 
 
-def objects_as_columns(objects: Any) -> dict[str, list]:
-    """`objects` as {"bbox": [...], "category": [...]}, whether stored as a dict of lists or a list of dicts."""
+def objects_as_columns(objects: Any, where: str = "an image") -> dict[str, list]:
+    """One image's `objects` (a dict of lists, as `datasets` stores them, or a list of dicts) as checked columns:
+    `{"bbox": [[x, y, w, h] floats], "category": [int], "iscrowd": [0/1]}` (`iscrowd` defaults to 0).
+
+    A missing or null `objects`, a missing field, a bbox that is not 4 finite numbers, or a category that is not an
+    integer is a ValueError naming `where` (the image) and the object's position.
+    """
+    if objects is None:
+        raise ValueError(f"{where}: `objects` is null; an image without boxes needs empty `bbox` and `category` lists.")
     if isinstance(objects, Mapping):
-        return {"bbox": list(objects["bbox"]), "category": list(objects["category"])}
-    return {"bbox": [o["bbox"] for o in objects], "category": [o["category"] for o in objects]}
+        missing = [key for key in ("bbox", "category") if key not in objects or objects[key] is None]
+        if missing:
+            raise ValueError(f"{where}: `objects` lacks {missing}; expected `bbox` (COCO x, y, w, h) and `category`.")
+        bboxes, categories = list(objects["bbox"]), list(objects["category"])
+        crowd = list(objects["iscrowd"]) if objects.get("iscrowd") is not None else [0] * len(bboxes)
+    else:
+        rows = list(objects)
+        for index, row in enumerate(rows):
+            if not isinstance(row, Mapping) or "bbox" not in row or "category" not in row:
+                raise ValueError(f"{where}: objects[{index}] = {row!r:.100} lacks `bbox` or `category`.")
+        bboxes, categories = [r["bbox"] for r in rows], [r["category"] for r in rows]
+        crowd = [r.get("iscrowd") or 0 for r in rows]
+    if not len(bboxes) == len(categories) == len(crowd):
+        raise ValueError(f"{where}: `objects` has {len(bboxes)} bbox, {len(categories)} category and {len(crowd)} "
+                         "iscrowd values; they must be equally many.")
+    return {
+        "bbox": [_checked_box(box, f"{where}: objects[{i}]") for i, box in enumerate(bboxes)],
+        "category": [_checked_int(c, f"{where}: objects[{i}] category") for i, c in enumerate(categories)],
+        "iscrowd": [_checked_int(c, f"{where}: objects[{i}] iscrowd") for i, c in enumerate(crowd)],
+    }
+
+
+def _checked_box(box: Any, where: str) -> list[float]:
+    if isinstance(box, (str, bytes)) or not hasattr(box, "__len__") or len(box) != 4:
+        raise ValueError(f"{where}: bbox must be [x, y, w, h] (4 numbers), got {box!r}.")
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: bbox must hold 4 numbers, got {box!r}.") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{where}: bbox {values} has a NaN or infinite coordinate. Fix or remove this box.")
+    return values
+
+
+def _checked_int(value: Any, where: str) -> int:
+    try:
+        valid = not isinstance(value, (bool, str, bytes)) and float(value) == int(value)
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{where} must be an integer id, got {value!r}.")
+    return int(value)
 
 
 
@@ -157,9 +208,11 @@ class CollationStats:
 
 
 def clean_boxes(
-    boxes: torch.Tensor, categories: list[int], width: int, height: int, where: str
-) -> tuple[torch.Tensor, list[int], list[str]]:
+    boxes: torch.Tensor, categories: list, width: int, height: int, where: str
+) -> tuple[torch.Tensor, list, list[str]]:
     """Validate one image's COCO boxes (x, y, w, h pixels): returns (boxes, categories, descriptions of dropped boxes).
+
+    `categories` holds one value per box (a class id, or a tuple of per-box fields): those of the kept boxes return.
 
     A NaN or infinite coordinate is an error naming `where`. Boxes reaching outside the image are clipped to it; boxes
     with zero or negative width/height (degenerate or inverted), or entirely outside the image, are dropped. Duplicate
@@ -275,8 +328,10 @@ class SADDataCollator:
                 self.stats.skipped(where)
                 skipped.append(where)
                 continue
-            objects = objects_as_columns(row.get("objects") or {"bbox": [], "category": []})
-            categories = [int(c) for c in objects["category"]]
+            empty_objects = {"bbox": [], "category": []}
+            objects = objects_as_columns(row.get("objects", empty_objects) if labeled else empty_objects,
+                                         f"Annotation of image {where}")
+            categories = objects["category"]
             if not training:  # training-stream rows were mapped when the stream was built
                 categories = map_categories(categories, self.category_map, self.id2label, where=f"image {where}")
             elif self.id2label is not None:
@@ -284,14 +339,16 @@ class SADDataCollator:
             boxes = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
             if factor != 1.0:  # a large JPEG decoded at reduced scale
                 boxes = boxes * factor
-            boxes, categories, dropped_here = clean_boxes(boxes, categories, image.width, image.height, where)
+            per_box = list(zip(categories, objects["iscrowd"]))
+            boxes, per_box, dropped_here = clean_boxes(boxes, per_box, image.width, image.height, where)
             dropped += dropped_here
             if training:
                 image, boxes = self._augment(image, boxes, row["sample_index"])
             image_id = int(row.get("sample_index", row.get("image_id", i)))
             annotations.append({
                 "image_id": image_id,
-                "annotations": [{"bbox": b.tolist(), "category_id": c} for b, c in zip(boxes, categories)],
+                "annotations": [{"bbox": b.tolist(), "category_id": c, "iscrowd": crowd}
+                                for b, (c, crowd) in zip(boxes, per_box)],
             })
             images.append(image)
             is_labeled.append(labeled)

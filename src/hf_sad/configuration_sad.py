@@ -44,6 +44,9 @@ class SADConfig(PreTrainedConfig):
             Anchors with IoU < this to every box are negatives; those in between are ignored.
         allow_low_quality_matches (`bool`, *optional*, defaults to `True`):
             Also make each box's best-overlapping anchors positive, so that no box goes unmatched.
+        crowd_ioa_threshold (`float`, *optional*, defaults to 0.7):
+            An anchor (not a positive) whose area lies at least this much inside a crowd box (COCO `iscrowd: 1`) is
+            ignored in training rather than taught background (Detectron's crowd filter uses 0.7 too).
         focal_alpha (`float`, *optional*, defaults to 0.25):
             Weight of positives in the sigmoid focal loss.
         focal_gamma (`float`, *optional*, defaults to 2.0):
@@ -78,6 +81,7 @@ class SADConfig(PreTrainedConfig):
         fg_iou_threshold: float = 0.5,
         bg_iou_threshold: float = 0.4,
         allow_low_quality_matches: bool = True,
+        crowd_ioa_threshold: float = 0.7,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         box_loss: str = "smooth_l1",
@@ -100,6 +104,7 @@ class SADConfig(PreTrainedConfig):
         self.fg_iou_threshold = fg_iou_threshold
         self.bg_iou_threshold = bg_iou_threshold
         self.allow_low_quality_matches = allow_low_quality_matches
+        self.crowd_ioa_threshold = crowd_ioa_threshold
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.box_loss = box_loss
@@ -141,6 +146,8 @@ class SADConfig(PreTrainedConfig):
         if not 0 < self.bg_iou_threshold <= self.fg_iou_threshold <= 1:
             fail("bg_iou_threshold/fg_iou_threshold", (self.bg_iou_threshold, self.fg_iou_threshold),
                  "0 < bg_iou_threshold <= fg_iou_threshold <= 1")
+        if not 0 < self.crowd_ioa_threshold <= 1:
+            fail("crowd_ioa_threshold", self.crowd_ioa_threshold, "a fraction in (0, 1]")
         if self.box_loss not in _BOX_LOSSES:
             fail("box_loss", self.box_loss, f"one of {_BOX_LOSSES}")
         if not 0 < self.prior_prob < 1:

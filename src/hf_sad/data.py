@@ -13,17 +13,22 @@ collation are `hf_sad.collator`'s (its names are re-exported here).
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
-import math
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
 from datasets import ClassLabel, Features, List, Value
 from datasets import Image as ImageFeature
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .collator import (
+    IMAGE_SUFFIXES,
     CollationStats,
     SADDataCollator,
     clean_boxes,
@@ -33,6 +38,7 @@ from .collator import (
     map_categories,
     objects_as_columns,
 )
+from .hub import is_hub_id, looks_like_local_path
 
 # The collator's public names are re-exported: they have always been importable from hf_sad.data.
 __all__ = [
@@ -41,6 +47,10 @@ __all__ = [
     "SADDataCollator",
     "build_training_stream",
     "category_mapping",
+    "check_labeled_dataset",
+    "check_labeled_schema",
+    "check_parquet_shards",
+    "check_unlabeled_dataset",
     "clean_boxes",
     "dataset_label_names",
     "decode_image",
@@ -60,7 +70,11 @@ logger = logging.getLogger(__name__)
 STREAM_FEATURES = Features(
     {
         "image": ImageFeature(decode=False),
-        "objects": {"bbox": List(List(Value("float32"), length=4)), "category": List(Value("int64"))},
+        "objects": {
+            "bbox": List(List(Value("float32"), length=4)),
+            "category": List(Value("int64")),
+            "iscrowd": List(Value("int64")),
+        },
         "is_labeled": Value("bool"),
     }
 )
@@ -75,50 +89,128 @@ def load_coco_detection(annotation_file: str | Path, image_dir: str | Path | Non
     """A COCO detection json + image folder as a `datasets.Dataset` in the transformers detection schema.
 
     Category ids (any integers) become contiguous `ClassLabel` ids in increasing COCO id order, named by the json's
-    `categories`. `image_dir` defaults to `images/` beside the json if it exists, else the json's folder.
+    `categories`; `iscrowd` is kept per object (crowd regions are ignored in training and treated as COCO does in
+    evaluation). `image_dir` defaults to `images/` beside the json; for the standard COCO layout
+    (`annotations/instances_val2017.json`) to the folder named after the split beside `annotations/` (`val2017/`);
+    else to the json's folder.
+
+    Every malformed entry (duplicate image ids, a bbox that is not 4 numbers, a string or unknown category id, an
+    annotation of an unknown image) is a ValueError naming the file, the image / annotation id and what is wrong.
+    Boxes that all look normalised (every coordinate <= 1 in images larger than that) are warned about.
     """
     annotation_file = Path(annotation_file)
-    coco = json.loads(annotation_file.read_text())
-    if image_dir is None:
-        image_dir = annotation_file.parent / "images"
-        if not image_dir.is_dir():
-            image_dir = annotation_file.parent
-    image_dir = Path(image_dir)
-    categories = sorted(coco.get("categories", []), key=lambda c: c["id"])
-    if not categories:
-        raise ValueError(f"{annotation_file}: no 'categories'; a COCO detection file must list its classes.")
-    to_label = {c["id"]: i for i, c in enumerate(categories)}
-    per_image: dict[int, dict[str, list]] = {img["id"]: {"bbox": [], "category": [], "area": [], "id": []}
-                                             for img in coco["images"]}
-    for ann in coco.get("annotations", []):
-        if ann["image_id"] not in per_image:
-            raise ValueError(
-                f"{annotation_file}: annotation {ann.get('id')} refers to unknown image {ann['image_id']}."
-            )
-        if ann["category_id"] not in to_label:
-            raise ValueError(
-                f"{annotation_file}: annotation {ann.get('id')} has category_id {ann['category_id']}, which is not in "
-                f"'categories' ({sorted(to_label)})."
-            )
+    if not annotation_file.is_file():
+        raise FileNotFoundError(f"{annotation_file}: no such COCO annotation file.")
+    try:
+        coco = json.loads(annotation_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{annotation_file} is not a JSON file: {error}") from error
+    if not isinstance(coco, Mapping) or not isinstance(coco.get("images"), list):
+        raise ValueError(f"{annotation_file}: expected a COCO detection file, a JSON object with an 'images' list.")
+    image_dir = Path(image_dir) if image_dir is not None else coco_image_dir(annotation_file)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{annotation_file}: its image folder {image_dir} does not exist; pass image_dir.")
+
+    names, to_label = _coco_categories(coco, annotation_file)
+    images = _coco_images(coco["images"], annotation_file)
+    per_image = {img["id"]: {"bbox": [], "category": [], "area": [], "id": [], "iscrowd": []} for img in images}
+    annotations = coco.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise ValueError(f"{annotation_file}: 'annotations' must be a list, got {type(annotations).__name__}.")
+    for index, ann in enumerate(annotations):
+        where = f"{annotation_file}: annotation {ann.get('id', f'#{index}') if isinstance(ann, Mapping) else index}"
+        if not isinstance(ann, Mapping):
+            raise ValueError(f"{where} is not an object: {ann!r:.100}.")
+        if ann.get("image_id") not in per_image:
+            raise ValueError(f"{where} refers to image_id {ann.get('image_id')!r}, which is not in 'images'.")
+        where += f" (image_id {ann['image_id']})"
+        category = ann.get("category_id")
+        if isinstance(category, (str, bool)) or category not in to_label:
+            raise ValueError(f"{where}: category_id {category!r} is not one of the ids in 'categories' "
+                             f"({sorted(to_label)}).")
+        if "bbox" not in ann:
+            raise ValueError(f"{where} has no 'bbox'.")
+        box = objects_as_columns({"bbox": [ann["bbox"]], "category": [0]}, where)["bbox"][0]
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1):
+            raise ValueError(f"{where}: iscrowd must be 0 or 1, got {crowd!r}.")
         objects = per_image[ann["image_id"]]
-        objects["bbox"].append([float(v) for v in ann["bbox"]])
-        objects["category"].append(to_label[ann["category_id"]])
-        objects["area"].append(float(ann.get("area", ann["bbox"][2] * ann["bbox"][3])))
-        objects["id"].append(int(ann.get("id", len(objects["id"]))))
-    features = detection_features([c["name"] for c in categories])
+        objects["bbox"].append(box)
+        objects["category"].append(to_label[category])
+        objects["area"].append(float(ann.get("area") or box[2] * box[3]))
+        objects["id"].append(int(ann.get("id", index)))
+        objects["iscrowd"].append(int(crowd))
+    _warn_if_normalised(per_image, images, annotation_file)
     rows = {
-        "image_id": [img["id"] for img in coco["images"]],
-        "image": [str(image_dir / img["file_name"]) for img in coco["images"]],
-        "width": [img.get("width", 0) for img in coco["images"]],
-        "height": [img.get("height", 0) for img in coco["images"]],
-        "objects": [per_image[img["id"]] for img in coco["images"]],
+        "image_id": [img["id"] for img in images],
+        "image": [str(image_dir / img["file_name"]) for img in images],
+        "width": [int(img.get("width") or 0) for img in images],
+        "height": [int(img.get("height") or 0) for img in images],
+        "objects": [per_image[img["id"]] for img in images],
     }
-    return datasets.Dataset.from_dict(rows, features=features)
+    return datasets.Dataset.from_dict(rows, features=detection_features(names))
+
+
+def coco_image_dir(annotation_file: Path) -> Path:
+    """Where the images of a COCO json are, by the layouts people have (see `load_coco_detection`)."""
+    beside = annotation_file.parent / "images"
+    if beside.is_dir():
+        return beside
+    split = re.sub(r"^(instances|person_keypoints|captions)_", "", annotation_file.stem)
+    if annotation_file.parent.name == "annotations":
+        for candidate in (annotation_file.parent.parent / split, annotation_file.parent.parent / "images" / split):
+            if candidate.is_dir():
+                return candidate
+    return annotation_file.parent
+
+
+def _coco_categories(coco: Mapping, source: Path) -> tuple[list[str], dict[int, int]]:
+    categories = coco.get("categories") or []
+    if not categories:
+        raise ValueError(f"{source}: no 'categories'; a COCO detection file must list its classes.")
+    for category in categories:
+        if not isinstance(category, Mapping) or not isinstance(category.get("id"), int) or "name" not in category:
+            raise ValueError(f"{source}: category {category!r:.100} needs an integer 'id' and a 'name'.")
+    ids = [c["id"] for c in categories]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{source}: category ids {duplicates} appear more than once in 'categories'.")
+    categories = sorted(categories, key=lambda c: c["id"])
+    return [str(c["name"]) for c in categories], {c["id"]: i for i, c in enumerate(categories)}
+
+
+def _coco_images(images: list, source: Path) -> list[Mapping]:
+    for index, image in enumerate(images):
+        if not isinstance(image, Mapping) or "id" not in image or not image.get("file_name"):
+            raise ValueError(f"{source}: images[{index}] = {image!r:.100} needs an 'id' and a 'file_name'.")
+    counts = Counter(image["id"] for image in images)
+    duplicates = [image_id for image_id, count in counts.items() if count > 1]
+    if duplicates:
+        raise ValueError(
+            f"{source}: {len(duplicates)} image id(s) appear more than once in 'images' (e.g. {duplicates[:5]}); "
+            "their annotations could not be told apart. Give every image its own id."
+        )
+    return images
+
+
+def _warn_if_normalised(per_image: Mapping, images: list[Mapping], source: Path) -> None:
+    """Warn when every box of the file lies within [0, 1] though its images are larger: boxes given as fractions of
+    the image in a field that holds pixels."""
+    boxes = [box for objects in per_image.values() for box in objects["bbox"]]
+    large = any((img.get("width") or 2) > 1 or (img.get("height") or 2) > 1 for img in images)
+    if boxes and large and all(0 <= v <= 1 for box in boxes for v in box):
+        examples = [f"image {image_id} bbox {o['bbox'][0]}" for image_id, o in per_image.items() if o["bbox"]][:3]
+        logger.warning(
+            "%s: all %d boxes have every coordinate in [0, 1] (e.g. %s), but COCO boxes are x, y, w, h in pixels: "
+            "they look normalised. Multiply them by the image width/height, or they train a detector of "
+            "one-pixel objects.", source, len(boxes), "; ".join(examples),
+        )
 
 
 def detection_features(label_names: Sequence[str]) -> Features:
-    """The transformers object-detection schema (as cppe-5): `image_id`, `image`, `width`, `height`, and `objects`
-    with `id`, `area` (pixels^2), `bbox` (COCO x, y, w, h in absolute pixels) and `category` (a `ClassLabel`)."""
+    """The transformers object-detection schema (as cppe-5) plus `iscrowd`: `image_id`, `image`, `width`, `height`,
+    and `objects` with `id`, `area` (pixels^2), `bbox` (COCO x, y, w, h in absolute pixels), `category` (a
+    `ClassLabel`) and `iscrowd` (0/1). Datasets without `iscrowd` are read as having none."""
     return Features(
         {
             "image_id": Value("int64"),
@@ -130,56 +222,123 @@ def detection_features(label_names: Sequence[str]) -> Features:
                 "area": List(Value("float32")),
                 "bbox": List(List(Value("float32"), length=4)),
                 "category": List(ClassLabel(names=list(label_names))),
+                "iscrowd": List(Value("int8")),
             },
         }
     )
 
 
-def load_labeled_dataset(source: str | Path, split: str = "train") -> datasets.Dataset:
-    """Labeled detection data from a COCO json, a folder, a saved dataset, or the Hub.
+#: The labeled and unlabeled data layouts `load_labeled_dataset` / `load_unlabeled_images` accept (README's table).
+LABELED_LAYOUTS = (
+    "a COCO json (images in `images/` beside it, in the folder named after its split for the standard "
+    "`annotations/instances_<split>.json` layout, or in --image_dir); a folder holding `<split>.json` or "
+    "`annotations.json`; an imagefolder with `metadata.jsonl`; a Dataset or DatasetDict saved with `save_to_disk`; "
+    "parquet (a file, a glob, or a Hub-layout folder `data/<split>-*.parquet`); or a Hub dataset id"
+)
 
-    - a `.json` file: COCO annotations (images beside it or in `images/`);
-    - a folder with `annotations.json` (or `<split>.json`): COCO;
-    - a folder with `metadata.jsonl`: a datasets `imagefolder` (its `objects` column holds the boxes);
-    - a folder written by `Dataset.save_to_disk`;
-    - anything else: `datasets.load_dataset(source, split=split)` (a Hub id such as `cppe-5`).
+
+def load_labeled_dataset(
+    source: str | Path, split: str = "train", image_dir: str | Path | None = None
+) -> datasets.Dataset:
+    """Labeled detection data from any layout of `LABELED_LAYOUTS`; `split` picks the split of a DatasetDict, a
+    parquet folder or a Hub dataset, and names the COCO json to look for in a folder (`<split>.json`).
+
+    A local path that does not exist is a FileNotFoundError (not a Hub lookup); a folder in no known layout, an
+    unknown split or an empty dataset is a ValueError naming the source.
     """
-    path = Path(source)
-    if path.suffix == ".json" and path.is_file():
-        return load_coco_detection(path)
-    if path.is_dir():
-        for name in (f"{split}.json", "annotations.json"):
-            if (path / name).is_file():
-                return load_coco_detection(path / name)
-        if (path / "metadata.jsonl").is_file() or (path / split / "metadata.jsonl").is_file():
-            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-            return datasets.load_from_disk(str(path))
-        raise ValueError(
-            f"{path} is not a labeled dataset: expected a COCO json ({split}.json or annotations.json), an imagefolder "
-            "with metadata.jsonl, or a folder written by Dataset.save_to_disk."
-        )
-    return datasets.load_dataset(str(source), split=split)
+    text = str(source)
+    path = Path(source).expanduser()
+    if path.suffix == ".json":
+        dataset = load_coco_detection(path, image_dir)
+    elif path.suffix == ".parquet" or "*" in text:
+        if "*" not in text and not path.is_file():
+            raise FileNotFoundError(f"{source}: no such parquet file.")
+        dataset = datasets.load_dataset("parquet", data_files=text, split="train")
+    elif path.is_dir():
+        dataset = _load_labeled_folder(path, split, image_dir)
+    elif _local_source(text):
+        raise FileNotFoundError(f"{source}: no such file or folder (nor a Hub dataset id, namespace/name).")
+    else:
+        dataset = datasets.load_dataset(text, split=split)
+    if len(dataset) == 0:
+        raise ValueError(f"{source} (split {split!r}) is empty: 0 labeled images.")
+    return dataset
+
+
+def _load_labeled_folder(path: Path, split: str, image_dir: str | Path | None) -> datasets.Dataset:
+    for name in (f"{split}.json", "annotations.json"):
+        if (path / name).is_file():
+            return load_coco_detection(path / name, image_dir)
+    standard = sorted((path / "annotations").glob(f"instances_{split}*.json"))
+    if standard:
+        return load_coco_detection(standard[0], image_dir)
+    if (path / "metadata.jsonl").is_file() or (path / split / "metadata.jsonl").is_file():
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+    if (path / "dataset_dict.json").is_file():
+        saved = datasets.load_from_disk(str(path))
+        if split not in saved:
+            raise ValueError(f"{path} is a DatasetDict with splits {sorted(saved)}; there is no split {split!r}.")
+        return saved[split]
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        return datasets.load_from_disk(str(path))
+    if any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")):
+        found = datasets.load_dataset(str(path))
+        if split not in found:
+            raise ValueError(f"{path} holds parquet splits {sorted(found)}; there is no split {split!r}.")
+        return found[split]
+    raise ValueError(f"{path} is not a labeled dataset in a known layout. Accepted: {LABELED_LAYOUTS}.")
 
 
 def load_unlabeled_images(source: str | Path, split: str = "train", streaming: bool = True) -> datasets.IterableDataset:
     """Unlabeled images as a stream: an image folder, parquet shards (a folder or glob), or a Hub dataset id.
 
     Store large pools as several parquet shards: a streaming `imagefolder` has a single shard, so it cannot be split
-    across processes and workers.
+    across processes and workers. Parquet shards are checked before training (their footers are read): a corrupt
+    shard is an error naming the file. A folder without images or shards, or a missing path, is an error at once.
     """
-    path = Path(source)
+    text = str(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         parquet = sorted(str(p) for p in path.rglob("*.parquet"))
         if parquet:
+            check_parquet_shards(parquet)
             ds = datasets.load_dataset("parquet", data_files=parquet, split="train", streaming=streaming)
-        else:
+        elif any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train", streaming=streaming)
-    elif str(source).endswith(".parquet") or "*" in str(source):
-        ds = datasets.load_dataset("parquet", data_files=str(source), split="train", streaming=streaming)
+        else:
+            raise ValueError(f"The unlabeled folder {path} is empty: it holds no images "
+                             f"({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet shards.")
+    elif text.endswith(".parquet") or "*" in text:
+        files = sorted(glob.glob(str(path))) if "*" in text else [str(path)] if path.is_file() else []
+        if not files:
+            raise FileNotFoundError(f"{source}: no parquet file matches.")
+        check_parquet_shards(files)
+        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
+    elif _local_source(text):
+        raise FileNotFoundError(f"{source}: no such file or folder (nor a Hub dataset id, namespace/name).")
     else:
-        ds = datasets.load_dataset(str(source), split=split, streaming=streaming)
+        ds = datasets.load_dataset(text, split=split, streaming=streaming)
     return ds if isinstance(ds, datasets.IterableDataset) else ds.to_iterable_dataset()
+
+
+def _local_source(text: str) -> bool:
+    """Whether a data source string names a local path rather than a Hub dataset: a path that exists or is spelled
+    as one, a name with a data-file suffix ("coco/train.json" is a missing file, not a Hub id), or not a Hub id."""
+    suffix = Path(text).suffix.lower()
+    data_file = suffix in (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".zip", ".tar") or suffix in IMAGE_SUFFIXES
+    return looks_like_local_path(text) or data_file or not is_hub_id(text)
+
+
+def check_parquet_shards(files: Sequence[str]) -> None:
+    """Read each parquet file's footer (no data): a truncated or corrupt shard is a ValueError naming it, before
+    training rather than hours into it."""
+    import pyarrow.parquet as pq
+
+    for file in files:
+        try:
+            pq.ParquetFile(file).metadata  # noqa: B018 - reading the footer is the check
+        except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise ValueError(f"The parquet shard {file} cannot be read ({type(error).__name__}: {error}).") from error
 
 
 def dataset_label_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str] | None:
@@ -226,7 +385,8 @@ def image_column(dataset: datasets.Dataset | datasets.IterableDataset) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _check_labeled_schema(dataset: datasets.Dataset | datasets.IterableDataset, name: str) -> None:
+def check_labeled_schema(dataset: datasets.Dataset | datasets.IterableDataset, name: str) -> None:
+    """A ValueError naming `name` and its columns unless `dataset` has `objects` with `bbox` and `category`."""
     columns = set(dataset.column_names or [])
     expected = (
         "a labeled detection dataset needs an image column and `objects` with `bbox` (COCO x, y, w, h in pixels) and "
@@ -240,6 +400,79 @@ def _check_labeled_schema(dataset: datasets.Dataset | datasets.IterableDataset, 
         raise ValueError(f"{name} has `objects` with fields {sorted(inner)}; {expected}.")
 
 
+def check_labeled_dataset(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    name: str,
+    category_map: Mapping[int, int] | None = None,
+    id2label: Mapping[int, str] | None = None,
+) -> None:
+    """Find what would stop a run late, before its first step: a fast pass over a map-style labeled dataset that reads
+    annotations and file headers, never pixels.
+
+    Errors (ValueError, naming `name`, the image and what is wrong): an empty dataset, missing columns, malformed
+    `objects` (null, a bbox that is not 4 numbers, a category that is not an integer id or not one of the model's
+    classes), image files that do not exist (all of them counted, examples named). Warnings through the `hf_sad`
+    logger, with counts and examples: image sizes in the data that disagree with the files. A streaming dataset is
+    only checked for its columns (reading it through would cost what training costs).
+    """
+    check_labeled_schema(dataset, name)
+    if not isinstance(dataset, datasets.Dataset):
+        return
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: 0 labeled images.")
+    column = image_column(dataset)
+    keep = [c for c in (column, "objects", "image_id", "width", "height") if c in dataset.column_names]
+    rows = dataset.select_columns(keep).cast_column(column, ImageFeature(decode=False))
+    missing, wrong_size, checked = [], [], 0
+    for index, row in enumerate(tqdm(rows, desc=f"Checking {name}", disable=len(rows) < 2000, unit="image")):
+        value = row[column]
+        image_id = f", image_id={row['image_id']}" if row.get("image_id") is not None else ""
+        where = f"{name} row {index} ({image_name(value)}{image_id})"
+        objects = objects_as_columns(row["objects"], where)
+        map_categories(objects["category"], category_map, id2label, where=where)
+        path = value.get("path") if isinstance(value, Mapping) and not value.get("bytes") else None
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            missing.append(path)
+            continue
+        if row.get("width") and row.get("height"):
+            checked += 1
+            try:
+                with Image.open(path) as image:  # reads the header only
+                    size = image.size
+            except Exception:  # noqa: BLE001 - undecodable files are the collator's to report, by name
+                continue
+            if size != (row["width"], row["height"]):
+                stated = f"{row['width']}x{row['height']}"
+                wrong_size.append(f"{path}: {stated} in the data, {size[0]}x{size[1]} in the file")
+    if missing:
+        raise FileNotFoundError(
+            f"{name}: {len(missing)} of {len(rows)} image files do not exist, e.g. {', '.join(missing[:3])}. Check the "
+            "image folder (image_dir / --image_dir) or the paths in the annotations."
+        )
+    if wrong_size:
+        logger.warning(
+            "%s: %d of %d images have another size in their annotation file than on disk, e.g. %s. Boxes are read in "
+            "pixels of the file as it is; check that the annotations belong to these files.",
+            name, len(wrong_size), checked, "; ".join(wrong_size[:3]),
+        )
+
+
+def check_unlabeled_dataset(dataset: datasets.Dataset | datasets.IterableDataset, args=None) -> None:
+    """Refuse an unlabeled dataset that would leave a "semi-supervised" run labeled-only: one without rows (a stream
+    is asked for its first row) or without an image column. With `args` (`DistillationArguments`), also one that
+    `unlabeled_ratio=0` would never read."""
+    image_column(dataset)
+    streaming = not isinstance(dataset, datasets.Dataset)
+    if (next(iter(dataset.take(1)), None) is None) if streaming else len(dataset) == 0:
+        raise ValueError("unlabeled_dataset is empty: it yields no image. Check the unlabeled source, or train "
+                         "without one.")
+    if args is not None and args.unlabeled_ratio == 0:
+        raise ValueError("An unlabeled_dataset was given but unlabeled_ratio=0 would never read it; set "
+                         "unlabeled_ratio (0.5 alternates labeled and unlabeled images, as the paper).")
+
+
 def _as_stream_rows(
     dataset: datasets.IterableDataset,
     labeled: bool,
@@ -251,18 +484,12 @@ def _as_stream_rows(
 
     def to_row(example: dict) -> dict:
         if labeled:
-            objects = objects_as_columns(example["objects"])
             where = " ".join([image_name(example[column])] + (
                 [f"image_id={example['image_id']}"] if example.get("image_id") is not None else []))
+            objects = objects_as_columns(example["objects"], f"Annotation of image {where}")
             objects["category"] = map_categories(objects["category"], mapping, id2label, where=f"image {where}")
-            for box in objects["bbox"]:  # checked here, where the image's name and id are still known
-                if not all(math.isfinite(v) for v in box):
-                    raise ValueError(
-                        f"Annotation of image {where}: bbox {list(box)} has a NaN or infinite coordinate. Fix or "
-                        "remove this box."
-                    )
         else:
-            objects = {"bbox": [], "category": []}
+            objects = {"bbox": [], "category": [], "iscrowd": []}
         return {"image": example[column], "objects": objects, "is_labeled": labeled}
 
     return dataset.map(to_row, remove_columns=dataset.column_names, features=STREAM_FEATURES)
@@ -289,7 +516,7 @@ def build_training_stream(
     (disjoint data) and DataLoader workers can share the work; keep it a multiple of processes x workers.
     `id2label` (the model's labels) makes a category id outside them an error naming the image and the labels.
     """
-    _check_labeled_schema(labeled, "train_dataset")
+    check_labeled_schema(labeled, "train_dataset")
     if isinstance(labeled, datasets.Dataset):
         labeled = labeled.to_iterable_dataset(num_shards=min(num_shards, max(1, len(labeled))))
     stream = _as_stream_rows(labeled, True, category_map, id2label)

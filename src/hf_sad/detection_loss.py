@@ -3,7 +3,8 @@
 As transformers keeps `loss/loss_for_object_detection.py` beside its detection models, the detector's training
 targets live here: `SADForObjectDetection.forward` calls `detection_loss` when given labels, and distillation calls the
 same functions for pseudo-boxes. Labels use the transformers detection format: per image `{"class_labels": (M,) int64,
-"boxes": (M, 4) normalised cxcywh}` relative to the image's valid (unpadded) region.
+"boxes": (M, 4) normalised cxcywh}` relative to the image's valid (unpadded) region, optionally with `"iscrowd"` (M,):
+crowd boxes are no targets; anchors inside them are ignored (see `box_ops.ignore_crowd_regions`).
 
 This file is copied next to saved weights for `trust_remote_code` loading: it imports only torch, torchvision and its
 flat siblings.
@@ -17,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from .box_ops import AnchorAssignment, absolute_xyxy, decode_boxes, encode_boxes, match_anchors, pad_boxes
+from .box_ops import (
+    AnchorAssignment,
+    absolute_xyxy,
+    decode_boxes,
+    encode_boxes,
+    ignore_crowd_regions,
+    match_anchors,
+    pad_boxes,
+)
 from .configuration_sad import SADConfig
 
 __all__ = ["DetectionLossOutput", "assign_anchors", "box_loss", "check_labels", "detection_loss", "num_positives"]
@@ -41,18 +50,24 @@ def assign_anchors(
     anchors: torch.Tensor, labels: list[dict[str, torch.Tensor]], image_sizes: torch.Tensor, config: SADConfig
 ) -> AnchorAssignment:
     """Match anchors ((N, 4) xyxy absolute pixels) to the boxes of `labels` (normalised cxcywh, images of valid
-    (height, width) `image_sizes`), with the config's IoU thresholds.
+    (height, width) `image_sizes`), with the config's IoU thresholds; anchors inside crowd boxes are ignored.
+    `matched_idx` indexes each image's non-crowd boxes, in order.
 
     Used for the supervised loss and by distillation to mask anchors in the ignore band, for ground-truth and pseudo
     boxes alike.
     """
-    return match_anchors(
+    assignment = match_anchors(
         anchors,
-        [absolute_xyxy(t["boxes"], size) for t, size in zip(labels, image_sizes)],
+        [absolute_xyxy(t["boxes"], size) for t, size in zip(_objects(labels), image_sizes)],
         config.fg_iou_threshold,
         config.bg_iou_threshold,
         config.allow_low_quality_matches,
     )
+    crowd = [absolute_xyxy(t["boxes"][_crowd(t)], size) for t, size in zip(labels, image_sizes)]
+    if any(len(boxes) for boxes in crowd):
+        ignored = ignore_crowd_regions(assignment.labels, anchors, crowd, config.crowd_ioa_threshold)
+        assignment = assignment._replace(labels=ignored)
+    return assignment
 
 
 def detection_loss(
@@ -78,7 +93,8 @@ def detection_loss(
     positive = assignment.labels == 1
     divisor = num_positives(assignment, config.sync_num_positives)
 
-    _, padded_classes = pad_boxes([t["boxes"] for t in labels], [t["class_labels"].long() for t in labels])
+    objects = _objects(labels)
+    _, padded_classes = pad_boxes([t["boxes"] for t in objects], [t["class_labels"].long() for t in objects])
     matched_classes = padded_classes.gather(1, assignment.matched_idx)
     logits = logits.float()
     cls_targets = torch.zeros_like(logits)
@@ -106,8 +122,9 @@ def box_loss(
     """Box loss (smooth-L1 on deltas or GIoU on decoded boxes) of the positive anchors of `assignment` against their
     matched boxes, summed and divided by `divisor` (default: the batch's positives). Arguments as in
     `detection_loss`; `assignment` comes from `assign_anchors`."""
-    gt_boxes = [absolute_xyxy(t["boxes"], size) for t, size in zip(labels, image_sizes)]
-    padded_boxes, _ = pad_boxes(gt_boxes, [t["class_labels"].long() for t in labels])
+    objects = _objects(labels)
+    gt_boxes = [absolute_xyxy(t["boxes"], size) for t, size in zip(objects, image_sizes)]
+    padded_boxes, _ = pad_boxes(gt_boxes, [t["class_labels"].long() for t in objects])
     batch_idx, anchor_idx = (assignment.labels == 1).nonzero(as_tuple=True)
     matched_boxes = padded_boxes[batch_idx, assignment.matched_idx[batch_idx, anchor_idx]]
     pos_anchors, pos_deltas = anchors[anchor_idx], box_regression[batch_idx, anchor_idx].float()
@@ -119,6 +136,24 @@ def box_loss(
     if divisor is None:
         divisor = num_positives(assignment, config.sync_num_positives)
     return loss / divisor
+
+
+def _crowd(target: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(M,) bool: which boxes of an image's labels are crowd regions."""
+    crowd = target.get("iscrowd")
+    if crowd is None:
+        return torch.zeros(len(target["boxes"]), dtype=torch.bool, device=target["boxes"].device)
+    return torch.as_tensor(crowd, device=target["boxes"].device).bool()
+
+
+def _objects(labels: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Each image's labels without its crowd boxes: the boxes that are training targets."""
+    result = []
+    for target in labels:
+        real = ~_crowd(target)
+        result.append(target if real.all() else {"boxes": target["boxes"][real],
+                                                 "class_labels": target["class_labels"][real]})
+    return result
 
 
 def num_positives(assignment: AnchorAssignment, sync: bool) -> torch.Tensor:
@@ -150,3 +185,5 @@ def check_labels(labels: list[dict[str, torch.Tensor]], num_labels: int) -> None
             )
         if not torch.isfinite(boxes).all():
             raise ValueError(f"labels[{i}]: boxes contain NaN or inf coordinates.")
+        if "iscrowd" in target and len(target["iscrowd"]) != boxes.shape[0]:
+            raise ValueError(f"labels[{i}]: iscrowd has {len(target['iscrowd'])} entries for {boxes.shape[0]} boxes.")

@@ -17,6 +17,7 @@ anchor by anchor and class by class (`check_teacher_compatible`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torchvision.ops import box_convert
@@ -49,6 +50,11 @@ class SADLossOutput:
 def load_detector(model: SADForObjectDetection | str, role: str) -> SADForObjectDetection:
     """`model` itself, or the SAD detector saved at the path / Hub id `model`; errors name the `role` ("teacher")."""
     if isinstance(model, str):
+        if Path(model).is_file():
+            raise ValueError(
+                f"The {role} {model!r} is a file; pass the folder that holds the saved model (config.json and "
+                f"model.safetensors), e.g. {str(Path(model).parent)!r}."
+            )
         try:
             model = AutoModelForObjectDetection.from_pretrained(model)
         except (OSError, ValueError) as err:  # missing/unreadable files; ValueError: a folder without a SAD config

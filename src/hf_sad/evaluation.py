@@ -72,7 +72,8 @@ class CocoMeanAveragePrecision:
 
     `compute()` returns floats in [0, 1] under `map`, `map_50`, `map_75`, `map_small`, `map_medium`, `map_large`,
     `mar_1`, `mar_10`, `mar_100`, `mar_small`, `mar_medium`, `mar_large` (COCOeval's 12 summary statistics, same
-    order) and `map_<class name>` (AP @ IoU 0.50:0.95, all areas, 100 detections, per class). Where COCO reports -1
+    order) and `map_<class name>` (AP @ IoU 0.50:0.95, all areas, 100 detections, per class; see
+    `class_metric_keys` for class names such as "small" that would collide with a summary key). Where COCO reports -1
     (no ground truth of that kind, e.g. no small objects or a class never present) the value is `float("nan")`.
     Area ranges use COCO's absolute pixel areas (small < 32^2 <= medium < 96^2 <= large), so they depend on the
     resolution the boxes are given in.
@@ -80,9 +81,7 @@ class CocoMeanAveragePrecision:
 
     def __init__(self, id2label: Mapping[int, str]) -> None:
         self.id2label = {int(k): str(v) for k, v in id2label.items()}
-        clashes = {f"map_{name}" for name in self.id2label.values()} & set(_STAT_KEYS)
-        if clashes:
-            raise ValueError(f"Class names would overwrite summary metrics: {sorted(clashes)}")
+        self.class_keys = class_metric_keys(self.id2label)
         self.reset()
 
     def reset(self) -> None:
@@ -159,12 +158,27 @@ class CocoMeanAveragePrecision:
         precision = evaluator.eval["precision"][:, :, :, 0, -1]
         for k, label in enumerate(sorted(self.id2label)):
             valid = precision[:, :, k][precision[:, :, k] > -1]
-            result[f"map_{self.id2label[label]}"] = float(valid.mean()) if valid.size else math.nan
+            result[self.class_keys[label]] = float(valid.mean()) if valid.size else math.nan
         return result
 
     def _nan_result(self) -> dict[str, float]:
-        keys = list(_STAT_KEYS) + [f"map_{self.id2label[k]}" for k in sorted(self.id2label)]
+        keys = list(_STAT_KEYS) + [self.class_keys[k] for k in sorted(self.id2label)]
         return dict.fromkeys(keys, math.nan)
+
+
+def class_metric_keys(id2label: Mapping[int, str]) -> dict[int, str]:
+    """Label id -> the key of its AP in the metrics: `map_<name>`, except for names whose key is a summary metric's
+    (a class called "small", "50", "75", ...: `map_class_<name>`) or another class's (then `_<id>` is appended)."""
+    keys: dict[int, str] = {}
+    taken = set(_STAT_KEYS)
+    for label in sorted(id2label, key=int):
+        name = str(id2label[label])
+        key = f"map_{name}" if f"map_{name}" not in taken else f"map_class_{name}"
+        if key in taken:
+            key = f"{key}_{label}"
+        keys[int(label)] = key
+        taken.add(key)
+    return keys
 
 
 def _nan_if_missing(value: float) -> float:

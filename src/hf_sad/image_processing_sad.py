@@ -71,10 +71,13 @@ def get_resize_output_size(height: int, width: int, size: SizeDict) -> tuple[int
     """
     if size.height and size.width:
         return size.height, size.width
+    # Every side at least 1 pixel: transformers' helpers round the short side of extreme shapes (1 x 2000) to 0.
     if size.shortest_edge and size.longest_edge:
-        return get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
+        new_height, new_width = get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
+        return max(1, new_height), max(1, new_width)
     if size.max_height and size.max_width:
-        return get_image_size_for_max_height_width((height, width), size.max_height, size.max_width)
+        new_height, new_width = get_image_size_for_max_height_width((height, width), size.max_height, size.max_width)
+        return max(1, new_height), max(1, new_width)
     if size.longest_edge:
         scale = size.longest_edge / max(height, width)
     elif size.shortest_edge:
@@ -405,6 +408,8 @@ class SADImageProcessor(TorchvisionBackend):
         **kwargs,
     ) -> BatchFeature:
         """Process a list of channels-first image tensors (and their annotations) into a batch."""
+        if not images:
+            raise ValueError("No images were given: pass one image or a list of at least one.")
         targets = self._prepare_targets(images, annotations)
         if do_rescale and any(image.is_floating_point() and image.numel() and image.max() <= 1 for image in images):
             logger.warning_once(

@@ -12,14 +12,13 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-from .collator import decode_image
+from .collator import IMAGE_SUFFIXES, decode_image
 from .image_processing_sad import SADImageProcessor
 from .modeling_sad import SADForObjectDetection
 from .reporting import write_json
 
 __all__ = ["PredictionReport", "detect", "detections_grid", "draw_detections", "predict_images", "to_json"]
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # One colour per class id (cycled): Tableau's 10 colours and their lighter variants, distinct on photos.
 _PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),

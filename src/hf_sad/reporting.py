@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .evaluation import METRIC_NAMES
+from .evaluation import METRIC_NAMES, class_metric_keys
 
 __all__ = ["format_metrics", "json_safe", "write_json"]
 
@@ -50,8 +50,9 @@ def format_metrics(metrics: Mapping[str, Any], id2label: Mapping[int, str], pref
 
     present = [(key, name) for key, name in METRIC_NAMES.items() if prefix + key in metrics]
     lines = ["  ".join(f"{name:>12}" for _, name in present), "  ".join(f"{value(key):>12}" for key, _ in present)]
-    names = [id2label[k] for k in sorted(id2label, key=int)]
-    width = max([len("class"), *map(len, names)])
+    keys = class_metric_keys(id2label)
+    names = {k: str(id2label[k]) for k in sorted(id2label, key=int)}
+    width = max([len("class"), *map(len, names.values())])
     lines += ["", f"{'class':<{width}}  {'AP':>6}", "-" * (width + 8)]
-    lines += [f"{name:<{width}}  {value(f'map_{name}'):>6}" for name in names]
+    lines += [f"{name:<{width}}  {value(keys[int(k)]):>6}" for k, name in names.items()]
     return "\n".join(lines)

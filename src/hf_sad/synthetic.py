@@ -333,7 +333,7 @@ def _labeled_examples(num_images: int, seed: int, image_size: int, shifted: bool
             "image": image,
             "width": image_size,
             "height": image_size,
-            "objects": {"id": list(range(next_id, next_id + n)), **target},
+            "objects": {"id": list(range(next_id, next_id + n)), **target, "iscrowd": [0] * n},
         }
         next_id += n
 

@@ -9,6 +9,7 @@ mAP (`hf_sad.evaluation`) and the model card (`hf_sad.hub`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import defaultdict
@@ -23,22 +24,33 @@ from transformers import AutoImageProcessor, Trainer
 from .callbacks import (
     INCOMPLETE_SUFFIX,
     CompleteCheckpointCallback,
+    RunSettingsCallback,
     SkipBadStepsCallback,
     SkippedImagesCallback,
     SyncBuffersCallback,
+    changed_run_settings,
     checkpoint_problems,
     get_last_complete_checkpoint,
     resolve_resume_checkpoint,
 )
 from .collator import SADDataCollator
-from .data import build_training_stream, category_mapping, dataset_label_names
+from .data import (
+    build_training_stream,
+    category_mapping,
+    check_labeled_dataset,
+    check_unlabeled_dataset,
+    dataset_label_names,
+)
 from .distillation import check_teacher_compatible, load_detector, sad_loss, zero_loss
 from .evaluation import DetectionMetrics, pack_detections, pack_targets
 from .modeling_sad import SADForObjectDetection
 from .reporting import json_safe
-from .training_args import SADTrainingArguments
+from .training_args import DistillationArguments, SADTrainingArguments
 
 logger = logging.getLogger(__name__)
+
+#: Training batches in a row without a single pseudo-box on their unlabeled images before a warning.
+PSEUDO_BOX_DROUGHT = 50
 
 # Besides SADTrainer, the names that lived here before the trainer was split into modules stay importable from here.
 __all__ = [
@@ -108,6 +120,9 @@ class SADTrainer(Trainer):
                     f"eval_dataset classes {dataset_label_names(eval_dataset)} differ from train_dataset classes "
                     f"{dataset_label_names(train_dataset)}."
                 )
+            check_labeled_dataset(train_dataset, "train_dataset", category_map, model.config.id2label)
+            if unlabeled_dataset is not None:
+                check_unlabeled_dataset(unlabeled_dataset, args)
             if args.max_steps <= 0:
                 args.max_steps = steps_for_epochs(args, train_dataset, unlabeled_dataset)
             train_dataset = build_training_stream(
@@ -121,6 +136,8 @@ class SADTrainer(Trainer):
             )
         elif eval_dataset is not None:
             category_map = category_mapping(eval_dataset, model.config.id2label)
+        if eval_dataset is not None:
+            check_labeled_dataset(eval_dataset, "eval_dataset", category_map, model.config.id2label)
         collator = SADDataCollator(
             processing_class,
             hflip_prob=args.hflip_prob,
@@ -132,7 +149,12 @@ class SADTrainer(Trainer):
         )
         self.step_guard = SkipBadStepsCallback(args.max_consecutive_nonfinite_steps)
         self.image_counter = SkippedImagesCallback(args.max_skipped_image_fraction, args.min_images_before_skip_check)
-        own_callbacks = [self.step_guard, self.image_counter, CompleteCheckpointCallback(), SyncBuffersCallback()]
+        self.teacher_source = None
+        if teacher is not None:
+            self.teacher_source = teacher_model if isinstance(teacher_model, str) else teacher.name_or_path
+        # Run settings first: a checkpoint is complete (CompleteCheckpointCallback) once they are written too.
+        own_callbacks = [self.step_guard, self.image_counter, RunSettingsCallback(self.run_settings(args)),
+                         CompleteCheckpointCallback(), SyncBuffersCallback()]
         super().__init__(
             model=model,
             args=args,
@@ -147,13 +169,12 @@ class SADTrainer(Trainer):
         )
         # The teacher is a plain attribute, never a submodule: not trained, not saved, not wrapped by DDP.
         self.teacher = None
-        self.teacher_source = None
         if teacher is not None:
-            self.teacher_source = teacher_model if isinstance(teacher_model, str) else teacher.name_or_path
             dtype = args.resolved_teacher_dtype
             self.teacher = teacher.requires_grad_(False).eval().to(device=self.accelerator.device, dtype=dtype)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._evaluating_teacher = False
+        self._pseudo_box_drought = [0, 0]  # training batches in a row without a pseudo-box, their unlabeled images
 
     # ------------------------------------------------------------------------------------------------------------------
     # Training
@@ -180,9 +201,27 @@ class SADTrainer(Trainer):
             loss, terms = result.loss, result.metrics
             for name, value in terms.items():
                 self._metrics[name].append(float(value))
+            if model.training and "pseudo_boxes_per_image" in terms:
+                self._watch_pseudo_boxes(float(terms["pseudo_boxes_per_image"]), int((~inputs["is_labeled"]).sum()))
         if model.training:
             self.step_guard.end_batch(detector, loss, rows, terms)
         return (loss, outputs) if return_outputs else loss
+
+    def _watch_pseudo_boxes(self, per_image: float, unlabeled: int) -> None:
+        """Warn once the teacher has found no pseudo-box on `PSEUDO_BOX_DROUGHT` training batches in a row: their
+        unlabeled images then teach no localisation and have no ignore band."""
+        if per_image > 0:
+            self._pseudo_box_drought = [0, 0]
+            return
+        self._pseudo_box_drought[0] += 1
+        self._pseudo_box_drought[1] += unlabeled
+        if self._pseudo_box_drought[0] == PSEUDO_BOX_DROUGHT:
+            logger.warning(
+                "The teacher found no object above pseudo_label_threshold=%s on the last %d unlabeled images (%d "
+                "batches in a row): they give no box targets. Lower --pseudo_label_threshold, or check that the "
+                "teacher suits these images (pseudo_boxes_per_image in the logs).",
+                self.args.pseudo_label_threshold, self._pseudo_box_drought[1], self._pseudo_box_drought[0],
+            )
 
     def _teacher_forward(self, inputs: dict[str, Any]):
         with torch.no_grad(), self.accelerator.autocast():
@@ -201,6 +240,13 @@ class SADTrainer(Trainer):
             self._metrics.clear()
         super().log(json_safe(logs), start_time)
 
+    def run_settings(self, args: SADTrainingArguments | None = None) -> dict[str, Any]:
+        """The settings that define what a run trains toward: the distillation settings and the teacher."""
+        args = args or self.args
+        settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillationArguments)
+                    if f.name != "resume_with_changed_settings"}
+        return {**settings, "teacher": self.teacher_source}
+
     def robustness_counts(self) -> dict[str, int]:
         """Cumulative counts (all processes): undecodable images skipped, boxes dropped, non-finite steps skipped."""
         return {
@@ -214,6 +260,12 @@ class SADTrainer(Trainer):
         "true"/"last", as the CLI passes them) picks the last complete one; an incomplete path is an error naming what
         is missing and the checkpoint to use instead. The returned metrics include the bad-data counters."""
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if isinstance(checkpoint, str) and (changes := changed_run_settings(checkpoint, self.run_settings())):
+            message = f"{checkpoint} was written with other distillation settings: {'; '.join(changes)}."
+            if not self.args.resume_with_changed_settings:
+                raise ValueError(f"{message} Resume with the settings it was trained with, or pass "
+                                 "resume_with_changed_settings=True (--resume_with_changed_settings) to continue.")
+            logger.warning("%s Continuing with the new settings (resume_with_changed_settings=True).", message)
         result = super().train(checkpoint, *args, **kwargs)
         result.metrics.update(self.robustness_counts())
         return result
@@ -226,7 +278,7 @@ class SADTrainer(Trainer):
         """Evaluation images reach the collator undecoded (a metadata-only cast), so that an undecodable one is an
         error naming it (or skipped with `skip_bad_labeled_images`) rather than an anonymous error inside datasets."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, datasets.Dataset):
+        if isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)) and dataset.features:
             for name, feature in dataset.features.items():
                 if isinstance(feature, datasets.Image) and feature.decode:
                     dataset = dataset.cast_column(name, datasets.Image(decode=False))

@@ -73,6 +73,9 @@ class DistillationArguments:
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             Dtype of the teacher's weights: `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"` (bfloat16 with
             `--bf16`, float16 with `--fp16`, else float32).
+        resume_with_changed_settings (`bool`, *optional*, defaults to `False`):
+            Resuming from a checkpoint written with other distillation settings (these fields, or another teacher)
+            is refused, naming the differences; this allows it (with a warning).
     """
 
     distill_loss: str = field(
@@ -100,6 +103,9 @@ class DistillationArguments:
     teacher_dtype: str = field(
         default="auto",
         metadata={"help": "Dtype of the teacher's weights.", "choices": [*TEACHER_DTYPES, "auto"]},
+    )
+    resume_with_changed_settings: bool = field(
+        default=False, metadata={"help": "Allow resuming a checkpoint written with other distillation settings."}
     )
 
     def __post_init__(self):

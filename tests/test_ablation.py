@@ -1,13 +1,15 @@
-"""The ablation report (bench/ablation.py) from recorded runs: statistics, claim verdicts, resumability, discussion."""
+"""The ablation harness (bench/ablation.py) without training: records, resumption, the gate, paired verdicts, the
+report's generated and hand-written parts."""
 
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from .utils import REPO
+
+REGIME = "pretrained-miniature"
 
 
 @pytest.fixture(scope="module")
@@ -20,96 +22,108 @@ def ablation():
     del sys.modules["ablation"]
 
 
-def _write_runs(path: Path, maps: dict[str, list[float]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row, values in maps.items():
-            for seed, value in enumerate(values):
-                f.write(json.dumps({"dataset": "synthetic", "seed": seed, "row": row, "map": value, "map_50": 2 * value,
-                                    "seconds": 10.0 + seed}) + "\n")
+def records(maps: dict[str, list[float]], regime: str = REGIME, dataset: str = "synthetic") -> list[dict]:
+    return [{"regime": regime, "dataset": dataset, "row": row, "seed": seed, "map": value, "map_50": 2 * value,
+             "steps": 10, "seconds": 10.0 + seed} for row, values in maps.items() for seed, value in enumerate(values)]
 
 
-def test_summary_statistics(ablation, tmp_path):
-    runs_file = tmp_path / "runs.jsonl"
-    _write_runs(runs_file, {"baseline": [0.10, 0.12, 0.14], "sad": [0.20]})
-    table = ablation.summarize(ablation.load_runs(runs_file), ["synthetic"])
-    mean, std, n, seconds = table["synthetic"]["baseline"]
+@pytest.fixture
+def quiet(ablation, monkeypatch):
+    monkeypatch.setattr(ablation, "write_chart", lambda records, path: path.write_bytes(b""))
+
+
+def run_main(ablation, tmp_path, *args):
+    return ablation.main(["--quick", "--datasets", "synthetic", "--seeds", "1", "--work_dir", str(tmp_path / "work"),
+                          "--docs_dir", str(tmp_path / "docs"), *args])
+
+
+def test_summary_and_paired_verdicts(ablation):
+    runs = ablation.by_key(records({"baseline": [0.10, 0.12, 0.14], "adl": [0.11, 0.13, 0.15], "kl": [0.12, 0.12, 0.1],
+                                    "sad": [0.2]}), REGIME)
+    mean, std, n, seconds = ablation.summarize(runs, "synthetic", "baseline")
     assert (round(mean, 6), round(std, 6), n, seconds) == (12.0, 2.0, 3, 11.0)
-    assert table["synthetic"]["sad"][:3] == (20.0, 0.0, 1)
-    assert "teacher" not in table["synthetic"]
+    assert ablation.paired(runs, "synthetic", "adl", "baseline") == pytest.approx([1.0, 1.0, 1.0])
+    lines = "\n".join(ablation.claim_lines(runs, ["synthetic"]))
+    assert "C1' ADL beats the supervised baseline: +1.0 points on average (seeds: +1.0, +1.0, +1.0): supported" in lines
+    assert "C1 ADL beats KL (labeled only): +1.7 points on average (seeds: -1.0, +1.0, +5.0): mixed" in lines
+    assert "C5 " not in lines  # the teacher did not run: not judged
+    assert ablation.verdict([-1.0, -2.0]) == "not supported" and ablation.verdict([3.0]) == "one seed"
 
 
-def test_claim_verdicts_compare_difference_with_spread(ablation):
-    rows = {"adl": (10.0, 0.5, 3, 1.0), "kl": (8.0, 0.5, 3, 1.0), "fdl": (10.2, 0.5, 3, 1.0),
-            "baseline": (12.0, 0.4, 3, 1.0)}
-    lines = "\n".join(ablation.claim_lines({"synthetic": rows}))
-    assert "ADL beats KL (labeled only): +2.0 points (supported" in lines
-    assert "ADL beats focal distillation (labeled only): -0.2 points (within noise" in lines
-    assert "ADL beats the supervised baseline: -2.0 points (not supported" in lines
-    assert "C5" not in lines  # rows that were not run are not judged
+def test_gate_blocks_the_grid_until_the_teacher_is_good_and_better(ablation):
+    regime = ablation.REGIMES[REGIME]
+    good = ablation.by_key(records({"teacher": [0.40], "gate_student": [0.30]}), REGIME)
+    assert ablation.check_gate(regime, good, "synthetic", 0) is None
+    weak = ablation.by_key(records({"teacher": [0.30], "gate_student": [0.10]}), REGIME)
+    assert "teacher 30.0 mAP" in ablation.check_gate(regime, weak, "synthetic", 0)
+    no_gap = ablation.by_key(records({"teacher": [0.40], "gate_student": [0.37]}), REGIME)
+    assert "a gap >= 5" in ablation.check_gate(regime, no_gap, "synthetic", 0)
 
 
-def test_report_keeps_the_hand_written_discussion(ablation, tmp_path):
-    table = {"synthetic": {"baseline": (12.0, 2.0, 3, 11.0)}}
-    settings = {"synthetic": ablation.SETTINGS["synthetic"]}
-    report = tmp_path / "results.md"
-    ablation.write_report(table, settings, "python bench/ablation.py", report)
-    assert "| student, supervised | 12.0 ± 2.0 (n=3, 11 s) |" in report.read_text()
-    assert "| SAD: ADL, labeled + unlabeled | not run |" in report.read_text()
-    assert "weight 5" not in report.read_text()  # follow-up rows appear once they have run
-    report.write_text(report.read_text() + "\n## Discussion\n\nWhy the numbers look as they do.\n")
-    table["synthetic"]["baseline"] = (13.0, 1.0, 3, 11.0)
-    table["synthetic"]["adl_w5"] = (14.0, 1.0, 3, 12.0)
-    ablation.write_report(table, settings, "python bench/ablation.py", report)
-    text = report.read_text()
-    assert "13.0 ± 1.0" in text and "12.0 ± 2.0" not in text
-    assert "| student + ADL (labeled), distillation weight 5 | 14.0 ± 1.0 (n=3, 12 s) |" in text
-    assert text.count("## Discussion") == 1 and text.endswith("Why the numbers look as they do.\n")
+def test_a_failing_gate_stops_before_the_students(ablation, tmp_path, monkeypatch, quiet):
+    monkeypatch.setattr(ablation, "quick", lambda setting: setting)  # keep the regime's gate as in a real run
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.json").write_text(json.dumps(records({"teacher": [0.2], "gate_student": [0.19]})))
+    monkeypatch.setattr(ablation, "run_row", lambda *args: pytest.fail("a student was trained past a failing gate"))
+    with pytest.raises(SystemExit, match="The gate fails: synthetic seed 0: teacher 20.0 mAP"):
+        ablation.main(["--datasets", "synthetic", "--seeds", "1", "--rows", "teacher,gate_student,baseline",
+                       "--work_dir", str(tmp_path / "work"), "--docs_dir", str(tmp_path / "docs")])
 
 
-def test_finished_runs_are_not_repeated(ablation, tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    _write_runs(work / "quick" / "runs.jsonl", {row.key: [0.01] for row in ablation.ROWS})
+def test_recorded_runs_are_not_repeated_and_the_report_keeps_hand_written_text(ablation, tmp_path, monkeypatch,
+                                                                                quiet):
+    regime = ablation.REGIMES[REGIME]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.json").write_text(json.dumps(
+        records({key: [0.01] for key in regime.rows}) + records({"baseline": [0.3]}, dataset="bccd")
+        + records({"sad": [0.05]}, regime="first-miniature")))
+    (tmp_path / "docs" / "results.md").write_text("# old report\n\n## Discussion\n\nWhy the numbers look so.\n")
     monkeypatch.setattr(ablation, "run_row", lambda *args: pytest.fail("a recorded run was trained again"))
-    monkeypatch.setattr(ablation, "write_chart", lambda table, path: path.write_bytes(b""))
-    table = ablation.main(["--quick", "--datasets", "synthetic", "--seeds", "1", "--work_dir", str(work),
-                           "--docs_dir", str(tmp_path / "docs")])
-    assert set(table["synthetic"]) == {row.key for row in ablation.ROWS}
-    assert (tmp_path / "docs" / "results.md").exists()
+    run_main(ablation, tmp_path)
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "| student, supervised (`baseline`) | 1.0 ± 0.0 (n=1, 10 s) | 30.0 ± 0.0 (n=1, 10 s) |" in text
+    assert "## first-miniature" in text and "## pretrained-miniature" in text  # every regime with records
+    assert text.endswith("## Discussion\n\nWhy the numbers look so.\n")  # the hand-written part is kept
+    run_main(ablation, tmp_path)  # a second report replaces its generated part only
+    assert (tmp_path / "docs" / "results.md").read_text() == text
 
 
-def test_missing_teacher_checkpoint_is_trained_again_first(ablation, tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    _write_runs(work / "quick" / "runs.jsonl", {row.key: [0.01] for row in ablation.ROWS})
+def test_records_are_written_after_each_run_and_missing_teachers_trained_again(ablation, tmp_path, monkeypatch,
+                                                                                quiet):
     calls = []
 
-    def fake_run_row(row, dataset, seed, config, row_work):
-        calls.append(row.key)
-        if row.key == "teacher":
-            (row_work / "teacher").mkdir(parents=True)
-        return {"map": 0.02, "map_50": 0.04, "seconds": 1.0}
+    def fake_run_row(row, dataset, seed, setting, work, init):
+        calls.append((row.key, init.name if init else None))
+        if row.key in ablation.TEACHER_ROWS:
+            (work / row.key).mkdir(parents=True)
+            (work / row.key / "model.safetensors").write_bytes(b"")
+        return {"map": 0.02, "map_50": 0.04, "steps": 2, "seconds": 1.0}
+
+    def fake_pretrain(setting, architecture, work):
+        folder = work / f"pretrain-{architecture}"
+        if folder.exists():
+            return folder, None
+        folder.mkdir(parents=True)
+        return folder, {"map": 0.5, "map_50": 0.7, "steps": 2, "seconds": 3.0}
 
     monkeypatch.setattr(ablation, "run_row", fake_run_row)
-    monkeypatch.setattr(ablation, "write_chart", lambda table, path: path.write_bytes(b""))
-    args = ["--quick", "--datasets", "synthetic", "--seeds", "1", "--work_dir", str(work), "--docs_dir",
-            str(tmp_path / "docs")]
-    table = ablation.main(args + ["--rows", "adl_w5,sad_w5"])
-    assert calls == ["teacher", "adl_w5", "sad_w5"]  # the teacher once, before the first row that needs it
-    assert table["synthetic"]["teacher"][0] == 2.0  # its new record replaces the old one
-    recorded = ablation.load_runs(work / "quick" / "runs.jsonl")
-    assert {key for (_, _, key) in recorded} >= {"teacher", "adl_w5", "sad_w5"}
+    monkeypatch.setattr(ablation, "pretrain", fake_pretrain)
+    run_main(ablation, tmp_path, "--rows", "adl,adl_same")
+    # adl needs the teacher, adl_same the same-architecture one: each trained once, first; pretrained starts passed
+    assert calls == [("teacher", "pretrain-teacher"), ("adl", "pretrain-student"),
+                     ("teacher_same", "pretrain-student"), ("adl_same", "pretrain-student")]
+    saved = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert {(r["dataset"], r["row"]) for r in saved} == {
+        ("synthetic", "teacher"), ("synthetic", "adl"), ("synthetic", "teacher_same"), ("synthetic", "adl_same"),
+        ("pretraining", "pretrain_teacher"), ("pretraining", "pretrain_student")}
+    assert all(set(r) == {"regime", "dataset", "row", "seed", "map", "map_50", "steps", "seconds"} for r in saved)
 
 
-def test_report_keeps_datasets_not_run_this_time(ablation, tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    runs_file = work / "quick" / "runs.jsonl"
-    _write_runs(runs_file, {"baseline": [0.10]})
-    with runs_file.open("a") as f:
-        f.write(json.dumps({"dataset": "bccd", "seed": 0, "row": "baseline", "map": 0.3, "map_50": 0.6,
-                            "seconds": 5.0}) + "\n")
-    monkeypatch.setattr(ablation, "run_row", lambda *args: pytest.fail("a recorded run was trained again"))
-    monkeypatch.setattr(ablation, "write_chart", lambda table, path: path.write_bytes(b""))
-    table = ablation.main(["--quick", "--datasets", "synthetic", "--seeds", "1", "--rows", "baseline",
-                           "--work_dir", str(work), "--docs_dir", str(tmp_path / "docs")])
-    assert set(table) == {"synthetic", "bccd"}
-    assert "| row | synthetic | bccd |" in (tmp_path / "docs" / "results.md").read_text()
+def test_rows_and_regimes_are_consistent(ablation):
+    for regime in ablation.REGIMES.values():
+        assert set(regime.rows) <= set(ablation.ROWS)
+        for key in regime.rows:
+            assert ablation.ROWS[key].teacher in ablation.TEACHER_ROWS
+    names = {"teacher", "baseline", "baseline_long", "kl", "fdl", "adl", "adl_released", "adl_same", "kl_background",
+             "hard", "sad", "sad_released", "sad_shifted"}
+    assert names <= set(ablation.REGIMES[REGIME].rows)  # the row names docs/results.json promises

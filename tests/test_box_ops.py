@@ -110,6 +110,17 @@ def test_low_quality_match_rescues_small_box():
     assert math.isclose(box_iou(tiny, anchors)[0, 0].item(), 0.01, rel_tol=1e-5)
 
 
+def test_low_quality_matches_below_a_minimum_iou_stay_background():
+    """Detectron's rule: a box's best anchor becomes positive only with IoU >= the minimum (its bg threshold)."""
+    anchors = torch.tensor([[0.0, 0.0, 100.0, 100.0], [200.0, 200.0, 300.0, 300.0]])
+    tiny = torch.tensor([[10.0, 10.0, 20.0, 20.0]])  # IoU 0.01 with anchor 0
+    near = torch.tensor([[0.0, 0.0, 70.0, 64.0]])  # IoU 0.448 with anchor 0: in the ignore band
+    assert match_anchors(anchors, [tiny], low_quality_min_iou=0.4).labels.tolist() == [[0, 0]]
+    assert match_anchors(anchors, [tiny], low_quality_min_iou=0.0).labels.tolist() == [[1, 0]]
+    assert match_anchors(anchors, [near], low_quality_min_iou=0.4).labels.tolist() == [[1, 0]]
+    assert match_anchors(anchors, [near], allow_low_quality_matches=False).labels.tolist() == [[-1, 0]]
+
+
 def _reference_select(scores, boxes, score_threshold, nms_iou_threshold, pre_nms_top_k, max_detections):
     results = []
     for image_scores, image_boxes in zip(scores, boxes):

@@ -18,6 +18,7 @@ A crashed process in a 2-process run is tested in test_distributed.py.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -34,11 +35,13 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_sad.callbacks import SkipBadStepsCallback, checkpoint_problems, get_last_complete_checkpoint
+from hf_sad.synthetic import make_unlabeled_stream
 from hf_sad.trainer import SADTrainer
 
 from .utils import (
     FAULT_WORKER,
     GOOD_BOX,
+    IMAGE_SIZE,
     StopAt,
     detection_dataset,
     distill_args,
@@ -48,6 +51,7 @@ from .utils import (
     make_args,
     scene,
     start,
+    student_and_teacher,
     tiny_detector,
     unlabeled_pool,
     worker_env,
@@ -430,3 +434,48 @@ def test_nonfinite_step_is_skipped_in_fp16_training_on_cuda(tmp_path, labeled):
     result = trainer.train()
     assert same_state(snapshots.after[2], snapshots.after[1])
     assert result.metrics["nonfinite_steps"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# BatchNorm statistics from labeled images only
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unlabeled_updates", [False, True])
+def test_unlabeled_images_can_be_kept_out_of_the_batchnorm_statistics(tmp_path, labeled, unlabeled_updates):
+    """With unlabeled_updates_batchnorm=False the running statistics after a step are a momentum update with the
+    labeled images' statistics, whatever the unlabeled images hold."""
+    student, teacher, processor = student_and_teacher()
+    args = make_args(tmp_path, distill_loss="adl", unlabeled_updates_batchnorm=unlabeled_updates)
+    trainer = SADTrainer(student, teacher, args, labeled, make_unlabeled_stream(image_size=IMAGE_SIZE),
+                         processing_class=processor)
+    batch = trainer._prepare_inputs(trainer.data_collator(list(trainer.train_dataset.take(4))))
+    assert batch["is_labeled"].tolist() == [True, False, True, False]
+    noisy = {**batch, "pixel_values": batch["pixel_values"].clone()}
+    noisy["pixel_values"][~batch["is_labeled"]] = torch.randn_like(noisy["pixel_values"][~batch["is_labeled"]]) * 3
+
+    def statistics_after(inputs):
+        model = copy.deepcopy(student).train()
+        trainer.compute_loss(model, inputs).backward()
+        for callback in trainer.callback_handler.callbacks:
+            callback.on_pre_optimizer_step(args, trainer.state, trainer.control, model=model,
+                                           optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+        return {k: v for k, v in model.state_dict().items() if "running" in k}
+
+    # The first layer's input is a function of each image's own pixels (deeper layers see all rows, through the
+    # batch statistics every layer still normalises with): its statistics must ignore the unlabeled images.
+    clean, with_noise = statistics_after(batch), statistics_after(noisy)
+    first = ("backbone.body.bn1.running_mean", "backbone.body.bn1.running_var")
+    assert all(torch.equal(clean[k], with_noise[k]) for k in first) is not unlabeled_updates
+
+    if not unlabeled_updates:  # the first BatchNorm layer's update, by hand, from the labeled rows' input
+        bn1, inputs = student.backbone.body.bn1, []
+        handle = student.backbone.body.conv1.register_forward_hook(lambda m, i, o: inputs.append(o.detach()))
+        student.train()(pixel_values=batch["pixel_values"][batch["is_labeled"]])
+        handle.remove()
+        rows = inputs[0]
+        mean, var = rows.mean((0, 2, 3)), rows.var((0, 2, 3))
+        before_mean, before_var = torch.zeros_like(mean), torch.ones_like(var)  # a fresh layer's statistics
+        torch.testing.assert_close(clean["backbone.body.bn1.running_mean"], 0.9 * before_mean + 0.1 * mean)
+        torch.testing.assert_close(clean["backbone.body.bn1.running_var"], 0.9 * before_var + 0.1 * var)
+        assert bn1.momentum == 0.1

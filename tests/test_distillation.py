@@ -21,6 +21,7 @@ from torchvision.ops import box_convert
 
 from hf_sad.cli import main
 from hf_sad.data import build_training_stream
+from hf_sad.detection_loss import assign_anchors
 from hf_sad.distillation import check_teacher_compatible, sad_loss
 from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
 from hf_sad.trainer import SADTrainer
@@ -187,7 +188,8 @@ def test_unlabeled_rows_get_no_supervised_loss(tmp_path, labeled):
 def test_pseudo_boxes_train_box_regression_on_unlabeled_rows(tmp_path, labeled):
     """The teacher's detections are hard boxes for the box loss of unlabeled images, weighted by pseudo_box_weight."""
     student, teacher, processor = student_and_teacher()
-    args = make_args(tmp_path, distill_loss="adl", pseudo_label_threshold=0.005, pseudo_box_weight=2.0)
+    args = make_args(tmp_path, distill_loss="adl", pseudo_label_threshold=0.005, pseudo_box_weight=2.0,
+                     pseudo_box_loss="box")
     trainer = SADTrainer(student, teacher, args, labeled, processing_class=processor)
     student.train()
     loss = trainer.compute_loss(student, unlabeled_batch(trainer, labeled))
@@ -197,6 +199,44 @@ def test_pseudo_boxes_train_box_regression_on_unlabeled_rows(tmp_path, labeled):
     loss.backward()
     assert student.box_head.predictor.weight.grad.abs().sum() > 0
     assert trainer.distillation_hyperparameters()["pseudo_box_weight"] == 2.0
+
+
+def test_released_protocol_trains_unlabeled_classification_from_pseudo_boxes_too(tmp_path, labeled):
+    """pseudo_box_loss="full" (the default, as the authors' code): focal + box loss against the pseudo-boxes on top of
+    the soft targets, so the pseudo-boxes reach the classification head as well."""
+    student, teacher, processor = student_and_teacher()
+    args = make_args(tmp_path, distill_loss="adl", pseudo_label_threshold=0.005, pseudo_box_weight=2.0,
+                     unlabeled_distill_weight=0.0)  # the hard part alone
+    trainer = SADTrainer(student, teacher, args, labeled, processing_class=processor)
+    student.train()
+    loss = trainer.compute_loss(student, unlabeled_batch(trainer, labeled))
+    metrics = {k: v[0] for k, v in trainer._metrics.items()}
+    assert metrics["loss_cls_pseudo"] > 0 and metrics["loss_box_pseudo"] > 0
+    torch.testing.assert_close(loss.detach(), torch.tensor(2.0 * (metrics["loss_cls_pseudo"]
+                                                                  + metrics["loss_box_pseudo"])))
+    loss.backward()
+    assert student.class_head.predictor.weight.grad.abs().sum() > 0  # the focal loss on pseudo-boxes
+    assert student.box_head.predictor.weight.grad.abs().sum() > 0
+
+
+def test_unlabeled_images_without_pseudo_boxes_can_be_dropped_and_are_counted(tmp_path, labeled):
+    student, teacher, processor = student_and_teacher()
+    with torch.no_grad():
+        teacher.class_head.predictor.bias.fill_(-30.0)  # the teacher detects nothing anywhere
+    batch = None
+    for drop in (False, True):
+        args = make_args(tmp_path, distill_loss="adl", drop_unlabeled_without_pseudo_boxes=drop)
+        trainer = SADTrainer(student, teacher, args, labeled, processing_class=processor)
+        batch = batch or unlabeled_batch(trainer, labeled)
+        student.train()
+        loss = trainer.compute_loss(student, batch)
+        metrics = {k: v[0] for k, v in trainer._metrics.items()}
+        if drop:  # every image of the batch leaves the step: nothing is left to learn from
+            assert metrics["unlabeled_dropped"] == 4 and "loss_distill_unlabeled" not in metrics and loss == 0
+            trainer.log({"loss": 0.0})
+            assert trainer.state.log_history[-1]["unlabeled_dropped"] == 4
+        else:  # kept: the focal loss teaches "background" and the soft targets apply
+            assert "unlabeled_dropped" not in metrics and metrics["loss_distill_unlabeled"] > 0 and loss > 0
 
 
 def test_crowd_regions_of_labeled_images_are_left_out_of_distillation():
@@ -210,7 +250,9 @@ def test_crowd_regions_of_labeled_images_are_left_out_of_distillation():
     labels = [{"class_labels": torch.tensor([1, 2]), "boxes": torch.cat([torch.tensor([[0.2, 0.2, 0.2, 0.2]]),
                                                                          crowd_box]), "iscrowd": torch.tensor([0, 1])}]
     as_object = [{k: v for k, v in labels[0].items() if k != "iscrowd"}]
-    args = DistillationArguments(distill_loss="adl")
+    # The normaliser over the distilled anchors only: with "all" (the authors' count) the region's teacher scores
+    # would still enter the divisor, though no term of the sum.
+    args = DistillationArguments(distill_loss="adl", distill_normalizer_anchors="distilled")
     anchors, crowd_xyxy = outputs.anchors, box_convert(crowd_box[0] * IMAGE_SIZE, "cxcywh", "xyxy")
     overlap = (torch.minimum(anchors[:, 2:], crowd_xyxy[2:]) - torch.maximum(anchors[:, :2], crowd_xyxy[:2]))
     area = (anchors[:, 2:] - anchors[:, :2]).prod(dim=1)
@@ -225,3 +267,34 @@ def test_crowd_regions_of_labeled_images_are_left_out_of_distillation():
 
     assert torch.equal(distill(labels, teacher_outputs), distill(labels, changed))
     assert not torch.equal(distill(as_object, teacher_outputs), distill(as_object, changed))
+
+
+def test_normaliser_counts_all_anchors_or_the_distilled_ones_and_background_only_distils_negatives():
+    student, teacher, processor = student_and_teacher()
+    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        outputs, teacher_outputs = student(pixels), teacher(pixels)
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    assignment = assign_anchors(outputs.anchors, labels, outputs.image_sizes, student.config).labels[0]
+    assert (assignment == -1).any() and (assignment == 1).any()
+    q = torch.sigmoid(teacher_outputs.logits[0].float()) ** 1.8
+
+    def run(teacher_out, **settings):
+        args = DistillationArguments(distill_loss="adl", **settings)
+        return sad_loss(student.config, outputs, teacher_out, labels, torch.tensor([True]), args, processor).metrics
+
+    # fp32 sums of the same terms (each rounded differently: exp/softplus inside the loss, pow here) in another order
+    rtol = 2 * (q.numel() + 8) * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(run(teacher_outputs)["distill_normalizer_labeled"], q.sum(), rtol=rtol, atol=0)
+    torch.testing.assert_close(run(teacher_outputs, distill_normalizer_anchors="distilled")[
+        "distill_normalizer_labeled"], q[assignment >= 0].sum(), rtol=rtol, atol=0)
+
+    # Distilling background only: the teacher's scores on positive anchors no longer matter.
+    changed = copy.deepcopy(teacher_outputs)
+    changed.logits[0, assignment == 1] += 3.0
+    background = {"distill_entries": "background", "distill_normalizer_anchors": "distilled"}
+    assert torch.equal(run(changed, **background)["loss_distill_labeled"],
+                       run(teacher_outputs, **background)["loss_distill_labeled"])
+    everything = {"distill_normalizer_anchors": "distilled"}
+    assert not torch.equal(run(changed, **everything)["loss_distill_labeled"],
+                           run(teacher_outputs, **everything)["loss_distill_labeled"])

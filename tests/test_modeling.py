@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from torchvision.ops import box_convert, box_iou
+from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
 
 import hf_sad
-from hf_sad import SADConfig, SADForObjectDetection
+from hf_sad import SADConfig, SADForObjectDetection, create_detector
 
 from .utils import LABELS, TINY, make_labels, save_detector, tiny_detector
 
@@ -63,6 +64,41 @@ def test_config_validation_names_the_field():
         SADConfig(min_level=5, max_level=4)
     with pytest.raises(ValueError, match="min_level=1 needs stride 2"):
         SADForObjectDetection(SADConfig(backbone="convnext_atto", min_level=1, **TINY))  # finest stride is 4
+
+
+def test_frozen_batchnorm_keeps_its_statistics_and_round_trips(tmp_path):
+    model, processor = tiny_detector(freeze_batchnorm=True)
+    frozen = [m for m in model.backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    out = model(torch.randn(2, 3, 64, 64) * 3 + 1, labels=make_labels([(0, 0.5, 0.5, 0.4, 0.3)], []))
+    out.loss.backward()
+    changed = [k for k, v in model.state_dict().items() if k.startswith("backbone") and not torch.equal(v, before[k])]
+    assert not changed, changed  # statistics and affine parameters are buffers: a forward in training leaves them
+    assert all(not p.requires_grad or p.grad is not None for p in model.parameters())
+    save_detector((model, processor), tmp_path)
+    loaded = AutoModelForObjectDetection.from_pretrained(tmp_path)
+    assert loaded.config.freeze_batchnorm and type(loaded.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_init_from_copies_backbone_and_pyramid_and_starts_fresh_heads(tmp_path):
+    source, processor = tiny_detector(seed=3)
+    save_detector((source, processor), tmp_path / "pretrained")
+    model, _ = create_detector("resnet18", {0: "x"}, init_from=tmp_path / "pretrained", image_size=64, **TINY)
+    fresh, _ = tiny_detector(seed=0, id2label={0: "x"})
+    assert model.config.freeze_batchnorm  # the default for a pretrained start
+    for key, value in source.state_dict().items():
+        if key.startswith(("backbone.", "pyramid.")) and not key.endswith("num_batches_tracked"):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert model.class_head.predictor.weight.shape[0] == 9  # one class, 9 anchors: its own head
+    assert not torch.equal(model.box_head.tower[0].weight, source.box_head.tower[0].weight)
+    assert fresh.class_head.predictor.bias[0] == model.class_head.predictor.bias[0]  # the prior bias
+    with pytest.raises(ValueError, match=r"init_from .*do not fit this detector \(resnet18, fpn_channels=16\)"):
+        create_detector("resnet18", {0: "x"}, init_from=tmp_path / "pretrained", fpn_channels=16)
+    with pytest.raises(FileNotFoundError, match="model.safetensors does not exist"):
+        create_detector("resnet18", {0: "x"}, init_from=tmp_path / "nowhere")
 
 
 def test_bf16_autocast_forward_is_finite(tiny_model):

@@ -7,11 +7,13 @@ import pytest
 from datasets import ClassLabel, Image, IterableDataset, List, Value
 
 from hf_sad.synthetic import (
+    COLOURS,
     SYNTHETIC_LABELS,
     generate_scene,
     make_labeled_dataset,
     make_unlabeled_stream,
     synthetic_id2label,
+    synthetic_labels,
     write_coco_folder,
 )
 
@@ -148,3 +150,24 @@ def test_write_coco_folder(tmp_path):
     first = ds[0]["objects"]
     ann = next(a for a in coco["annotations"] if a["image_id"] == 0)
     assert ann["bbox"] == first["bbox"][0] and ann["category_id"] == first["category"][0] + 1
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_coloured_task_classes_are_shape_and_colour(shifted):
+    """24 classes, id = shape * 4 + colour; the object's pixels have its class's hue, in both domains."""
+    assert len(synthetic_labels(coloured=True)) == 24 and synthetic_labels(True)[5] == "yellow square"
+    hues = {name: hue for name, hue in COLOURS}
+    found = 0
+    for seed in range(20):
+        image, target = generate_scene(seed, image_size=128, coloured=True, shifted=shifted)
+        pixels = np.asarray(image.convert("HSV"), dtype=np.float32)
+        for (x, y, w, h), category in zip(target["bbox"], target["category"]):
+            assert 0 <= category < 24
+            colour = synthetic_labels(True)[category].split()[0]
+            assert colour == COLOURS[category % 4][0]
+            centre = pixels[int(y + h / 2) - 1 : int(y + h / 2) + 1, int(x + w / 2) - 1 : int(x + w / 2) + 1, 0]
+            # the centre of an unhidden convex glyph (circle, square, triangle, star) shows the class hue
+            if target["category"].count(category) == 1 and category // 4 in (0, 1, 2, 5) and w * h > 200:
+                distance = abs(float(np.median(centre)) / 255 - hues[colour])
+                found += min(distance, 1 - distance) < 0.08
+    assert found >= 10

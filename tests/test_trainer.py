@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerState
 
 from hf_sad.synthetic import make_labeled_dataset, make_unlabeled_stream
 from hf_sad.trainer import SADTrainer
@@ -23,6 +24,7 @@ from .utils import (
     detection_dataset,
     jpeg,
     make_args,
+    save_detector,
     scene,
     student_and_teacher,
     tiny_detector,
@@ -167,3 +169,32 @@ def test_a_teacher_that_finds_nothing_on_unlabeled_images_is_warned_about(tmp_pa
     assert warnings == ["The teacher found no object above pseudo_label_threshold=0.5 on the last 6 unlabeled "
                         "images (3 batches in a row): they give no box targets. Lower --pseudo_label_threshold, or "
                         "check that the teacher suits these images (pseudo_boxes_per_image in the logs)."]
+
+
+def test_paper_recipe_sgd_schedule_and_three_times_the_teachers_steps(tmp_path, labeled):
+    model, processor = tiny_detector(seed=1)
+    teacher_dir = save_detector((model, processor), tmp_path / "teacher")
+    TrainerState(global_step=4, max_steps=4).save_to_json(str(teacher_dir / "trainer_state.json"))  # as trained
+
+    student, processor = tiny_detector()
+    args = make_args(tmp_path, distill_loss="adl", recipe="paper", max_steps=-1, learning_rate=0.01)
+    trainer = SADTrainer(student, str(teacher_dir), args, labeled, make_unlabeled_stream(image_size=IMAGE_SIZE),
+                         processing_class=processor)
+    assert args.max_steps == 12  # 3x the teacher's 4 steps
+    trainer.create_optimizer_and_scheduler(num_training_steps=90)
+    optimizer = trainer.optimizer
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-4  # the decayed group (biases and norms are not)
+    rates = []
+    for _ in range(90):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        trainer.lr_scheduler.step()
+    # warm-up over 1/90 of the steps from lr/3; x0.1 from step 60 (2/3); x0.01 from step 80 (8/9)
+    assert rates[0] == pytest.approx(0.01 / 3) and rates[1] == pytest.approx(0.01)
+    assert rates[59] == pytest.approx(0.01) and rates[60] == pytest.approx(0.001)
+    assert rates[79] == pytest.approx(0.001) and rates[80] == pytest.approx(0.0001)
+
+    with pytest.raises(ValueError, match="trainer_state.json .* set max_steps"):
+        SADTrainer(student, model, make_args(tmp_path, distill_loss="adl", recipe="paper", max_steps=-1), labeled,
+                   make_unlabeled_stream(image_size=IMAGE_SIZE), processing_class=processor)

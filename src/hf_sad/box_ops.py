@@ -124,6 +124,7 @@ def match_anchors(
     fg_iou_threshold: float = 0.5,
     bg_iou_threshold: float = 0.4,
     allow_low_quality_matches: bool = True,
+    low_quality_min_iou: float = 0.0,
 ) -> AnchorAssignment:
     """Assign each anchor to at most one box, for the whole batch at once.
 
@@ -137,6 +138,8 @@ def match_anchors(
         bg_iou_threshold: IoU < this to every box makes a negative; IoU in between is ignored.
         allow_low_quality_matches: also make positive every anchor that is a box's best match (ties included), so
             small or oddly shaped boxes are never left without a positive anchor.
+        low_quality_min_iou: such a best match counts only with at least this IoU (Detectron: `bg_iou_threshold`;
+            below it the anchor stays background).
     """
     batch_size, num_anchors, device = len(boxes), anchors.shape[0], anchors.device
     counts = [b.shape[0] for b in boxes]
@@ -157,7 +160,7 @@ def match_anchors(
     labels[best_iou >= fg_iou_threshold] = 1
     if allow_low_quality_matches:
         best_per_box = padded.max(dim=2, keepdim=True).values  # (B, M, 1)
-        is_best = (padded == best_per_box) & (best_per_box > 0)
+        is_best = (padded == best_per_box) & (best_per_box > 0) & (best_per_box >= low_quality_min_iou)
         labels[is_best.any(dim=1)] = 1
     matched_idx = torch.where(labels == 1, matched_idx, torch.zeros_like(matched_idx))
     return AnchorAssignment(labels, matched_idx)

@@ -7,6 +7,7 @@
   many images were bad.
 - `CompleteCheckpointCallback`: a `checkpoint-N.incomplete` marker beside a checkpoint folder while it is written, so
   that resumption never picks up a checkpoint whose writing was interrupted.
+- `LabeledBatchNormCallback`: optionally, only the labeled images of a batch move the BatchNorm statistics.
 - `SyncBuffersCallback`: after DDP training, every process gets rank 0's BatchNorm statistics before evaluation.
 - `RunSettingsCallback`: each checkpoint records the distillation settings it was trained with, so that resuming
   with other settings is noticed.
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "INCOMPLETE_SUFFIX",
     "CompleteCheckpointCallback",
+    "LabeledBatchNormCallback",
     "RunSettingsCallback",
     "SkipBadStepsCallback",
     "SkippedImagesCallback",
@@ -194,6 +196,69 @@ def _drop_gradients(optimizer) -> None:
     for group in inner.param_groups:
         for parameter in group["params"]:
             parameter.grad = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# BatchNorm statistics from the labeled images only
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class LabeledBatchNormCallback(TrainerCallback):
+    """Lets only the labeled images of a mixed batch move the student's BatchNorm running statistics
+    (`unlabeled_updates_batchnorm=False`); the batch is still normalised with its own statistics, as usual.
+
+    `SADTrainer.compute_loss` calls `start_batch` before the student's forward (forward pre-hooks record the mean and
+    unbiased variance of the labeled rows at every BatchNorm layer in training mode) and `end_batch` after it. Once
+    the batch's backward has run (autograd still needs the buffers the forward used), `on_substep_end` /
+    `on_pre_optimizer_step` put the statistics back as they were before the batch and apply the labeled rows'
+    update instead, with each layer's momentum. A batch without labeled images leaves them unchanged.
+    """
+
+    def __init__(self):
+        self._saved: dict[nn.Module, tuple[torch.Tensor, ...]] = {}
+        self._stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._hooks: list = []
+
+    def start_batch(self, model: nn.Module, is_labeled: torch.Tensor) -> None:
+        layers = [m for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        self._saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                       for m in layers}
+        self._stats = {}
+
+        def record(module, inputs):
+            x = inputs[0].detach()
+            rows = x[is_labeled.to(x.device)].float()
+            dims = [0, *range(2, x.dim())]
+            self._stats[module] = (rows.mean(dims), rows.var(dims)) if rows.numel() > rows.shape[1] else None
+
+        self._hooks = [m.register_forward_pre_hook(record) for m in layers]
+
+    def end_batch(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _apply(self) -> None:
+        with torch.no_grad():
+            for layer, (mean, var, count) in self._saved.items():
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+                layer.num_batches_tracked.copy_(count)
+                stats = self._stats.get(layer)
+                if stats is None:
+                    continue
+                layer.num_batches_tracked.add_(1)
+                momentum = layer.momentum if layer.momentum is not None else 1.0 / float(layer.num_batches_tracked)
+                layer.running_mean.lerp_(stats[0].to(layer.running_mean.dtype), momentum)
+                layer.running_var.lerp_(stats[1].to(layer.running_var.dtype), momentum)
+        self._saved, self._stats = {}, {}
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._apply()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._apply()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

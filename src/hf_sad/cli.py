@@ -83,6 +83,10 @@ class ModelArguments:
     head_channels: int = field(default=256, metadata={"help": "Head width of a fresh model."})
     head_num_convs: int = field(default=4, metadata={"help": "Convolutions per head of a fresh model."})
     pretrained_backbone: bool = field(default=False, metadata={"help": "Load timm's pretrained backbone weights."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "A saved detector whose backbone and pyramid start a fresh model (its heads are not taken)."},
+    )
     license: str | None = field(default=None, metadata={"help": "License of the trained model, for its card."})
 
 
@@ -191,6 +195,7 @@ def build_student(model_args: ModelArguments, id2label: dict[int, str]):
         model_args.student,
         id2label,
         pretrained_backbone=model_args.pretrained_backbone,
+        init_from=model_args.init_from,
         image_size=model_args.image_size,
         fpn_channels=model_args.fpn_channels,
         head_channels=model_args.head_channels,

@@ -22,6 +22,10 @@ class SADConfig(PreTrainedConfig):
             its last feature map.
         backbone_kwargs (`dict`, *optional*):
             Extra keyword arguments for `timm.create_model` (e.g. `{"dynamic_img_size": True}` for a ViT).
+        freeze_batchnorm (`bool`, *optional*, defaults to `False`):
+            Turn the backbone's BatchNorm layers into frozen ones (timm's `FrozenBatchNorm2d`: fixed statistics and
+            affine parameters, as Detectron's affine-channel layers), the usual choice for a pretrained backbone
+            trained with small batches. `create_detector` turns it on for pretrained or `init_from` backbones.
         fpn_channels (`int`, *optional*, defaults to 256):
             Channels of every pyramid level.
         head_channels (`int`, *optional*, defaults to 256):
@@ -44,6 +48,10 @@ class SADConfig(PreTrainedConfig):
             Anchors with IoU < this to every box are negatives; those in between are ignored.
         allow_low_quality_matches (`bool`, *optional*, defaults to `True`):
             Also make each box's best-overlapping anchors positive, so that no box goes unmatched.
+        low_quality_match_min_iou (`float`, *optional*, defaults to 0.0):
+            Those best-overlap matches count only with at least this IoU: 0 keeps them all (torchvision); Detectron's
+            RetinaNet resets the ones below `bg_iou_threshold` (0.4) to background. The default keeps them so that
+            boxes too small or thin for any anchor still get a positive.
         crowd_ioa_threshold (`float`, *optional*, defaults to 0.7):
             An anchor (not a positive) whose area lies at least this much inside a crowd box (COCO `iscrowd: 1`) is
             ignored in training rather than taught background (Detectron's crowd filter uses 0.7 too).
@@ -70,6 +78,7 @@ class SADConfig(PreTrainedConfig):
         self,
         backbone: str = "resnet18",
         backbone_kwargs: dict | None = None,
+        freeze_batchnorm: bool = False,
         fpn_channels: int = 256,
         head_channels: int = 256,
         head_num_convs: int = 4,
@@ -81,6 +90,7 @@ class SADConfig(PreTrainedConfig):
         fg_iou_threshold: float = 0.5,
         bg_iou_threshold: float = 0.4,
         allow_low_quality_matches: bool = True,
+        low_quality_match_min_iou: float = 0.0,
         crowd_ioa_threshold: float = 0.7,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
@@ -93,6 +103,7 @@ class SADConfig(PreTrainedConfig):
     ):
         self.backbone = backbone
         self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.freeze_batchnorm = freeze_batchnorm
         self.fpn_channels = fpn_channels
         self.head_channels = head_channels
         self.head_num_convs = head_num_convs
@@ -104,6 +115,7 @@ class SADConfig(PreTrainedConfig):
         self.fg_iou_threshold = fg_iou_threshold
         self.bg_iou_threshold = bg_iou_threshold
         self.allow_low_quality_matches = allow_low_quality_matches
+        self.low_quality_match_min_iou = low_quality_match_min_iou
         self.crowd_ioa_threshold = crowd_ioa_threshold
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
@@ -146,6 +158,8 @@ class SADConfig(PreTrainedConfig):
         if not 0 < self.bg_iou_threshold <= self.fg_iou_threshold <= 1:
             fail("bg_iou_threshold/fg_iou_threshold", (self.bg_iou_threshold, self.fg_iou_threshold),
                  "0 < bg_iou_threshold <= fg_iou_threshold <= 1")
+        if not 0 <= self.low_quality_match_min_iou <= 1:
+            fail("low_quality_match_min_iou", self.low_quality_match_min_iou, "an IoU in [0, 1]")
         if not 0 < self.crowd_ioa_threshold <= 1:
             fail("crowd_ioa_threshold", self.crowd_ioa_threshold, "a fraction in (0, 1]")
         if self.box_loss not in _BOX_LOSSES:

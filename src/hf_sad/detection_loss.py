@@ -62,6 +62,7 @@ def assign_anchors(
         config.fg_iou_threshold,
         config.bg_iou_threshold,
         config.allow_low_quality_matches,
+        config.low_quality_match_min_iou,
     )
     crowd = [absolute_xyxy(t["boxes"][_crowd(t)], size) for t, size in zip(labels, image_sizes)]
     if any(len(boxes) for boxes in crowd):

@@ -5,9 +5,12 @@
 - the supervised focal + box loss on the labeled images,
 - a distillation term (`distill_loss`) between student and teacher logits on the labeled images, weighted by
   `labeled_distill_weight`,
-- on the unlabeled images, a distillation term weighted by `unlabeled_distill_weight` and a box loss against the
-  teacher's detections above `pseudo_label_threshold` (pseudo-boxes) weighted by `pseudo_box_weight`; or, with
-  `distill_loss="hard"`, the full supervised loss against the pseudo-boxes instead (data distillation).
+- on the unlabeled images, a distillation term weighted by `unlabeled_distill_weight`, plus RetinaNet's loss against
+  the teacher's detections above `pseudo_label_threshold` (pseudo-boxes) weighted by `pseudo_box_weight`: the full
+  focal + box loss (`pseudo_box_loss="full"`, what the authors' code does) or the box loss only (`"box"`); or, with
+  `distill_loss="hard"`, the full supervised loss against the pseudo-boxes instead of any soft term (data
+  distillation). With `drop_unlabeled_without_pseudo_boxes`, unlabeled images on which the teacher detects nothing
+  leave the step, as the authors' data loader cannot load them.
 
 Anchors in the ignore band of the ground-truth boxes (labeled images) or of the pseudo-boxes (unlabeled images) are
 left out of the distillation, as in the original implementation. Teacher and student must produce logits that line up
@@ -155,20 +158,27 @@ def sad_loss(
         rows = SADObjectDetectionOutput(
             logits=teacher_outputs.logits[unlabeled], pred_boxes=teacher_outputs.pred_boxes[unlabeled]
         )
-        pseudo_list = hard_pseudo_labels(rows, processor, args.pseudo_label_threshold)
-        pseudo = dict(zip(unlabeled, pseudo_list))
-        metrics["pseudo_boxes_per_image"] = torch.tensor(sum(len(p["boxes"]) for p in pseudo_list) / len(unlabeled))
+        pseudo = dict(zip(unlabeled, hard_pseudo_labels(rows, processor, args.pseudo_label_threshold)))
+        metrics["pseudo_boxes_per_image"] = torch.tensor(sum(len(p["boxes"]) for p in pseudo.values()) / len(pseudo))
+        if args.drop_unlabeled_without_pseudo_boxes:  # as the released loader, which cannot load them
+            kept = [i for i in unlabeled if len(pseudo[i]["boxes"])]
+            metrics["unlabeled_dropped"] = torch.tensor(float(len(unlabeled) - len(kept)))
+            unlabeled = kept
 
-    if args.distill_loss == "hard":
-        if unlabeled:
-            hard = _rows_detection_loss(config, outputs, unlabeled, [pseudo[i] for i in unlabeled])
+    if unlabeled and (args.distill_loss == "hard" or (args.pseudo_box_loss == "full" and args.pseudo_box_weight)):
+        # The teacher's detections as ground truth: RetinaNet's full loss ("hard" data distillation; in SAD as the
+        # authors' code runs it, on top of the soft targets).
+        hard = _rows_detection_loss(config, outputs, unlabeled, [pseudo[i] for i in unlabeled])
+        assignment_labels[unlabeled] = hard.assignment.labels
+        if args.distill_loss == "hard":
             loss = loss + args.unlabeled_distill_weight * hard.loss
             metrics["loss_distill_unlabeled"] = hard.loss.detach()
-        return SADLossOutput(loss, metrics)
-
-    if unlabeled:
-        # The teacher's detections give unlabeled images their box targets and their ignore mask; their
-        # classification is learned from the soft targets.
+            return SADLossOutput(loss, metrics)
+        loss = loss + args.pseudo_box_weight * hard.loss
+        metrics.update(loss_pseudo=hard.loss.detach(), loss_cls_pseudo=hard.loss_dict["loss_cls"],
+                       loss_box_pseudo=hard.loss_dict["loss_box"])
+    elif unlabeled:
+        # Box regression only against the teacher's detections; classification is left to the soft targets.
         targets, sizes = [pseudo[i] for i in unlabeled], outputs.image_sizes[unlabeled]
         assignment = assign_anchors(outputs.anchors, targets, sizes, config)
         assignment_labels[unlabeled] = assignment.labels
@@ -176,16 +186,20 @@ def sad_loss(
             loss_box = box_loss(outputs.box_regression[unlabeled], outputs.anchors, targets, sizes, assignment, config)
             loss = loss + args.pseudo_box_weight * loss_box
             metrics["loss_box_pseudo"] = loss_box.detach()
+    if args.distill_loss == "hard":
+        return SADLossOutput(loss, metrics)
+
     keep = assignment_labels >= 0  # drop anchors in the ignore band of the real or pseudo boxes
-    for rows, mask, weight, name in (
-        (labeled, keep & is_labeled[:, None], args.labeled_distill_weight, "labeled"),
-        (unlabeled, keep & ~is_labeled[:, None], args.unlabeled_distill_weight, "unlabeled"),
-    ):
+    if args.distill_entries == "background":
+        keep = assignment_labels == 0
+    for rows, weight, name in ((labeled, args.labeled_distill_weight, "labeled"),
+                               (unlabeled, args.unlabeled_distill_weight, "unlabeled")):
         if not rows or weight == 0:
             continue
-        normalizer = "adaptive"
-        if args.distill_normalizer == "positives":
-            normalizer = ((assignment_labels == 1) & mask).sum().clamp(min=1).float()
+        in_rows = torch.zeros_like(keep)
+        in_rows[rows] = True
+        mask = keep & in_rows
+        normalizer = _normalizer(teacher_outputs.logits, assignment_labels, mask, in_rows, args)
         term, stats = distillation_term(outputs.logits, teacher_outputs.logits, mask, normalizer, args)
         loss = loss + weight * term
         metrics[f"loss_distill_{name}"] = term.detach()
@@ -193,6 +207,23 @@ def sad_loss(
         if args.distill_loss == "adl":
             metrics[f"adl_mean_weight_{name}"] = stats["mean_weight"]
     return SADLossOutput(loss, metrics)
+
+
+def _normalizer(
+    teacher_logits: torch.Tensor,
+    assignment_labels: torch.Tensor,
+    mask: torch.Tensor,
+    in_rows: torch.Tensor,
+    args: DistillationArguments,
+) -> str | torch.Tensor:
+    """What the distillation sum of some rows is divided by (see `DistillationArguments.distill_normalizer`)."""
+    if args.distill_normalizer == "positives":
+        return ((assignment_labels == 1) & mask).sum().clamp(min=1).float()
+    if args.distill_normalizer_anchors == "distilled":
+        return "adaptive"  # the loss sums q ** power over the entries it distils
+    # Over every anchor of the rows, ignore band included, as the authors' code counts.
+    q = torch.sigmoid(teacher_logits[in_rows].float() / args.distill_temperature)
+    return q.pow(args.normalizer_power).sum().clamp(min=1.0)
 
 
 def distillation_term(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import freeze_batch_norm_2d
 from torch import nn
 from torchvision.ops import box_convert
 from transformers import PreTrainedModel
@@ -63,6 +64,8 @@ class SADBackbone(nn.Module):
         super().__init__()
         # pretrained=False always: weights come from `from_pretrained` or from the builder for fresh models.
         self.body = timm.create_model(config.backbone, pretrained=False, features_only=True, **config.backbone_kwargs)
+        if config.freeze_batchnorm:
+            self.body = freeze_batch_norm_2d(self.body)
         levels = [_stride_level(r) for r in self.body.feature_info.reduction()]
         channels = self.body.feature_info.channels()
         self.is_plain = len(set(levels)) == 1

@@ -8,6 +8,10 @@ object stays clearly visible and its box is the true full extent of its own pixe
 `shifted=True` switches to a second domain (periodic textures, dark blue/purple palette, pastel objects, stronger
 noise) with the same classes: the "unlabeled images from another distribution" case of semi-supervised distillation.
 
+`coloured=True` is a harder task of 24 classes: each object is one of the 6 shapes in one of 4 colours (`COLOURS`,
+with some jitter of hue, saturation and brightness), and the class is the pair; the shifted domain then keeps the
+object colours (they define the classes) and changes the background and the noise.
+
 Every image is a pure function of an integer seed. Datasets derive per-image seeds from (stream, seed, shard, index)
 with `numpy.random.SeedSequence`, so the labelled splits (seed=0 train, seed=1 val, ...) and the unlabeled stream
 shards draw from disjoint seed families.
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
     import datasets
 
 SYNTHETIC_LABELS: list[str] = ["circle", "square", "triangle", "cross", "ring", "star"]
+#: The colours of the coloured task (`coloured=True`): name and hue. There a class is a shape in one of these colours.
+COLOURS: tuple[tuple[str, float], ...] = (("red", 0.0), ("yellow", 0.15), ("green", 0.33), ("blue", 0.62))
 
 # Object side as a fraction of the image side, sampled log-uniformly.
 MIN_OBJECT_FRACTION = 0.06
@@ -40,9 +46,16 @@ MIN_VISIBLE_FRACTION = 0.6
 _LABELED_STREAM, _UNLABELED_STREAM = 0, 1
 
 
-def synthetic_id2label() -> dict[int, str]:
-    """Model label id (0-based, contiguous) -> class name for the synthetic classes."""
-    return dict(enumerate(SYNTHETIC_LABELS))
+def synthetic_labels(coloured: bool = False) -> list[str]:
+    """Class names: the 6 shapes, or with `coloured` the 24 "colour shape" classes (id = shape * 4 + colour)."""
+    if coloured:
+        return [f"{colour} {shape}" for shape in SYNTHETIC_LABELS for colour, _ in COLOURS]
+    return list(SYNTHETIC_LABELS)
+
+
+def synthetic_id2label(coloured: bool = False) -> dict[int, str]:
+    """Model label id (0-based, contiguous) -> class name for the synthetic classes (see `synthetic_labels`)."""
+    return dict(enumerate(synthetic_labels(coloured)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -232,7 +245,7 @@ def _distractors(rng: np.random.Generator, image: Image.Image, shifted: bool, co
 
 
 def generate_scene(
-    seed: int, *, image_size: int = 128, shifted: bool = False, max_objects: int = 6
+    seed: int, *, image_size: int = 128, shifted: bool = False, max_objects: int = 6, coloured: bool = False
 ) -> tuple[Image.Image, dict]:
     """Render one scene, a pure function of its arguments.
 
@@ -241,11 +254,13 @@ def generate_scene(
         image_size: side of the square image in pixels.
         shifted: draw from the shifted domain (other backgrounds and palette, same classes).
         max_objects: at most this many objects (at least one is always placed).
+        coloured: the 24-class task (class = shape * 4 + colour); otherwise 6 shape classes in random colours.
 
     Returns:
         `(image, target)`: an RGB `PIL.Image` of size (image_size, image_size) and a dict with
         `"bbox"`: list of [x, y, w, h] (COCO xywh, absolute pixels, float, fully inside the image),
-        `"category"`: list of int class ids into `SYNTHETIC_LABELS`, `"area"`: list of float box areas (w * h).
+        `"category"`: list of int class ids into `synthetic_labels(coloured)`, `"area"`: list of float box areas
+        (w * h).
     """
     rng = np.random.default_rng(seed)
     size = image_size
@@ -261,6 +276,7 @@ def generate_scene(
     log_lo, log_hi = np.log(MIN_OBJECT_FRACTION * size), np.log(MAX_OBJECT_FRACTION * size)
     for _ in range(int(rng.integers(1, max_objects + 1))):
         label = int(rng.integers(len(SYNTHETIC_LABELS)))
+        colour = int(rng.integers(len(COLOURS))) if coloured else None
         side = max(round(float(np.exp(rng.uniform(log_lo, log_hi)))), 4)
         mask = _glyph_mask(rng, label, side)
         extent = _tight(mask)
@@ -283,19 +299,26 @@ def generate_scene(
         owner[region][mask] = len(visible)
         full_area.append(int(mask.sum()))
         visible.append(full_area[-1])
-        _paint(rng, pixels[region], mask, shifted)
+        _paint(rng, pixels[region], mask, shifted, colour)
         target["bbox"].append([float(left), float(top), float(w), float(h)])
-        target["category"].append(label)
+        target["category"].append(label if colour is None else label * len(COLOURS) + colour)
         target["area"].append(float(w * h))
 
     pixels += _noise(rng, size, rng.uniform(8.0, 16.0) if shifted else rng.uniform(2.0, 9.0))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), target
 
 
-def _paint(rng: np.random.Generator, patch: np.ndarray, mask: np.ndarray, shifted: bool) -> None:
-    """Fill `mask` inside `patch` (h, w, 3, a view into the image) with a shaded colour that contrasts with it."""
-    local = patch[mask].mean(0)
-    colour = max((_object_colour(rng, shifted) for _ in range(2)), key=lambda c: float(np.abs(c - local).sum()))
+def _paint(
+    rng: np.random.Generator, patch: np.ndarray, mask: np.ndarray, shifted: bool, colour_class: int | None = None
+) -> None:
+    """Fill `mask` inside `patch` (h, w, 3, a view into the image) with a shaded colour: the hue of `colour_class`
+    (jittered), or without one the more contrasting of two random colours."""
+    if colour_class is None:
+        local = patch[mask].mean(0)
+        colour = max((_object_colour(rng, shifted) for _ in range(2)), key=lambda c: float(np.abs(c - local).sum()))
+    else:
+        hue = COLOURS[colour_class][1]
+        colour = _hsv(rng, (hue - 0.02, hue + 0.02), (0.6, 1.0), (0.55, 1.0))
     h, w = mask.shape
     # A linear brightness ramp across the object, so glyphs are not flat stencils.
     gy, gx = rng.uniform(-0.25, 0.25, 2) / np.float32(max(h, w))
@@ -314,18 +337,20 @@ def _derive_seed(*key: int) -> int:
     return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
 
 
-def labeled_features() -> datasets.Features:
+def labeled_features(coloured: bool = False) -> datasets.Features:
     """Features of `make_labeled_dataset`: the transformers object-detection (cppe-5 style) schema."""
     from .data import detection_features
 
-    return detection_features(SYNTHETIC_LABELS)
+    return detection_features(synthetic_labels(coloured))
 
 
-def _labeled_examples(num_images: int, seed: int, image_size: int, shifted: bool) -> Iterator[dict]:
+def _labeled_examples(
+    num_images: int, seed: int, image_size: int, shifted: bool, coloured: bool = False
+) -> Iterator[dict]:
     next_id = 1  # COCO tools treat annotation id 0 as "unmatched"
     for index in range(num_images):
         image, target = generate_scene(
-            _derive_seed(_LABELED_STREAM, seed, index), image_size=image_size, shifted=shifted
+            _derive_seed(_LABELED_STREAM, seed, index), image_size=image_size, shifted=shifted, coloured=coloured
         )
         n = len(target["bbox"])
         yield {
@@ -339,13 +364,20 @@ def _labeled_examples(num_images: int, seed: int, image_size: int, shifted: bool
 
 
 def make_labeled_dataset(
-    num_images: int, *, seed: int = 0, image_size: int = 128, shifted: bool = False, cache_dir: str | None = None
+    num_images: int,
+    *,
+    seed: int = 0,
+    image_size: int = 128,
+    shifted: bool = False,
+    coloured: bool = False,
+    cache_dir: str | None = None,
 ) -> datasets.Dataset:
     """A labelled `datasets.Dataset` of synthetic scenes in the transformers object-detection schema.
 
     Columns: `image_id` (int, 0..num_images-1), `image` (`datasets.Image`), `width`, `height` (int, pixels),
     `objects` = {`id`: list[int] (unique, from 1), `area`: list[float] (box w * h, pixels^2),
-    `bbox`: list of [x, y, w, h] (COCO xywh, absolute pixels), `category`: list of `ClassLabel` ids}.
+    `bbox`: list of [x, y, w, h] (COCO xywh, absolute pixels), `category`: list of `ClassLabel` ids, `iscrowd`}.
+    `coloured` gives the 24-class task (see `generate_scene`).
 
     Image i is `generate_scene` with a seed derived from (seed, i), so splits with different `seed` are disjoint.
     The result is cached by datasets (in `cache_dir`, default the datasets cache) under a fingerprint of the
@@ -354,18 +386,25 @@ def make_labeled_dataset(
     from datasets import Dataset
 
     source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-    fingerprint = f"hf-sad-synthetic-{source}-{num_images}-{seed}-{image_size}-{int(shifted)}"
+    fingerprint = f"hf-sad-synthetic-{source}-{num_images}-{seed}-{image_size}-{int(shifted)}-{int(coloured)}"
     return Dataset.from_generator(
         _labeled_examples,
-        features=labeled_features(),
-        gen_kwargs={"num_images": num_images, "seed": seed, "image_size": image_size, "shifted": shifted},
+        features=labeled_features(coloured),
+        gen_kwargs={"num_images": num_images, "seed": seed, "image_size": image_size, "shifted": shifted,
+                    "coloured": coloured},
         fingerprint=fingerprint,
         cache_dir=cache_dir,
     )
 
 
 def _unlabeled_examples(
-    shards: list[int], seed: int, image_size: int, shifted: bool, num_images: int | None, num_shards: int
+    shards: list[int],
+    seed: int,
+    image_size: int,
+    shifted: bool,
+    num_images: int | None,
+    num_shards: int,
+    coloured: bool = False,
 ) -> Iterator[dict]:
     # Round-robin over the shards this worker owns so a single reader still sees every shard.
     index = 0
@@ -375,12 +414,18 @@ def _unlabeled_examples(
             return
         for shard in live:
             scene_seed = _derive_seed(_UNLABELED_STREAM, seed, shard, index)
-            yield {"image": generate_scene(scene_seed, image_size=image_size, shifted=shifted)[0]}
+            yield {"image": generate_scene(scene_seed, image_size=image_size, shifted=shifted, coloured=coloured)[0]}
         index += 1
 
 
 def make_unlabeled_stream(
-    *, seed: int = 0, image_size: int = 128, shifted: bool = False, num_shards: int = 8, num_images: int | None = None
+    *,
+    seed: int = 0,
+    image_size: int = 128,
+    shifted: bool = False,
+    num_shards: int = 8,
+    num_images: int | None = None,
+    coloured: bool = False,
 ) -> datasets.IterableDataset:
     """A sharded `datasets.IterableDataset` of unlabelled synthetic scenes with one column, `image` (`datasets.Image`).
 
@@ -401,6 +446,7 @@ def make_unlabeled_stream(
             "shifted": shifted,
             "num_images": num_images,
             "num_shards": num_shards,
+            "coloured": coloured,
         },
     )
 

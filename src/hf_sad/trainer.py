@@ -10,9 +10,11 @@ mAP (`hf_sad.evaluation`) and the model card (`hf_sad.hub`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from transformers import AutoImageProcessor, Trainer
 from .callbacks import (
     INCOMPLETE_SUFFIX,
     CompleteCheckpointCallback,
+    LabeledBatchNormCallback,
     RunSettingsCallback,
     SkipBadStepsCallback,
     SkippedImagesCallback,
@@ -123,6 +126,8 @@ class SADTrainer(Trainer):
             check_labeled_dataset(train_dataset, "train_dataset", category_map, model.config.id2label)
             if unlabeled_dataset is not None:
                 check_unlabeled_dataset(unlabeled_dataset, args)
+            if args.max_steps <= 0 and args.recipe == "paper" and teacher is not None:
+                args.max_steps = 3 * teacher_steps(teacher_model)
             if args.max_steps <= 0:
                 args.max_steps = steps_for_epochs(args, train_dataset, unlabeled_dataset)
             train_dataset = build_training_stream(
@@ -152,9 +157,12 @@ class SADTrainer(Trainer):
         self.teacher_source = None
         if teacher is not None:
             self.teacher_source = teacher_model if isinstance(teacher_model, str) else teacher.name_or_path
-        # Run settings first: a checkpoint is complete (CompleteCheckpointCallback) once they are written too.
-        own_callbacks = [self.step_guard, self.image_counter, RunSettingsCallback(self.run_settings(args)),
-                         CompleteCheckpointCallback(), SyncBuffersCallback()]
+        self.labeled_batchnorm = LabeledBatchNormCallback()
+        # Order matters where two callbacks touch the same step: the labeled-only BatchNorm update comes before a
+        # skipped step restores the statistics, and the run settings are written before a checkpoint is complete.
+        own_callbacks = [self.labeled_batchnorm, self.step_guard, self.image_counter,
+                         RunSettingsCallback(self.run_settings(args)), CompleteCheckpointCallback(),
+                         SyncBuffersCallback()]
         super().__init__(
             model=model,
             args=args,
@@ -186,10 +194,15 @@ class SADTrainer(Trainer):
         detector: SADForObjectDetection = self.accelerator.unwrap_model(model)
         empty = bool(inputs.get("empty_batch", False))  # every image undecodable: a placeholder (see the collator)
         rows = 0 if empty else len(inputs["is_labeled"])
+        labeled_batchnorm = model.training and not self.args.unlabeled_updates_batchnorm and not empty
         if model.training:
             self.image_counter.record_batch(inputs, rows, self.accelerator.device)
             self.step_guard.start_batch(detector, self.state.global_step)
+        if labeled_batchnorm:
+            self.labeled_batchnorm.start_batch(detector, inputs["is_labeled"])
         outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs.get("pixel_mask"))
+        if labeled_batchnorm:
+            self.labeled_batchnorm.end_batch()
         if empty:
             loss, terms = zero_loss(outputs), {}
         else:
@@ -316,6 +329,16 @@ class SADTrainer(Trainer):
             return self.evaluate(eval_dataset, metric_key_prefix="teacher")
         finally:
             self._evaluating_teacher = False
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """With `recipe="paper"`, the authors' schedule (`paper_schedule`); otherwise `Trainer.create_scheduler`."""
+        if self.args.recipe != "paper" or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.warmup_steps if self.args.warmup_steps else math.ceil(num_training_steps / 90)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer or self.optimizer, partial(paper_schedule, total=num_training_steps, warmup=warmup)
+        )
+        return self.lr_scheduler
 
     def save_metrics(self, split: str, metrics: dict[str, float], combined: bool = True) -> None:
         """`Trainer.save_metrics` (`{split}_results.json`, `all_results.json`) as strict JSON: NaN becomes null."""
@@ -461,6 +484,25 @@ class SADTrainer(Trainer):
                 pseudo_label_threshold=args.pseudo_label_threshold, pseudo_box_weight=args.pseudo_box_weight
             )
         return {k: v for k, v in settings.items() if v is not None}
+
+
+def paper_schedule(step: int, *, total: int, warmup: int) -> float:
+    """Learning-rate factor at `step` of the authors' recipe (Detectron's): a linear warm-up from 1/3 over `warmup`
+    steps, then 1, x0.1 from 2/3 of `total` steps and x0.01 from 8/9."""
+    if step < warmup:
+        return 1 / 3 + (2 / 3) * step / warmup
+    return 0.01 if step >= total * 8 / 9 else 0.1 if step >= total * 2 / 3 else 1.0
+
+
+def teacher_steps(teacher: str | SADForObjectDetection) -> int:
+    """How many steps the saved `teacher` was trained (its folder's `trainer_state.json`), for a 3x student schedule."""
+    state = Path(teacher) / "trainer_state.json" if isinstance(teacher, str) else None
+    if state is None or not state.is_file():
+        raise ValueError(
+            "recipe='paper' without max_steps trains the student 3x its teacher's steps, but the teacher's "
+            f"trainer_state.json ({state or 'a teacher given as a model object'}) is not there: set max_steps."
+        )
+    return int(json.loads(state.read_text())["global_step"])
 
 
 def steps_for_epochs(args: SADTrainingArguments, labeled, unlabeled) -> int:

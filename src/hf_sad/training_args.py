@@ -25,6 +25,10 @@ __all__ = ["DISTILL_LOSSES", "DetectionTrainingArguments", "DistillationArgument
 DISTILL_LOSSES = ("adl", "kl", "fdl", "hard", "none")
 ADL_VARIANTS = ("paper", "released")
 DISTILL_NORMALIZERS = ("adaptive", "positives")
+NORMALIZER_ANCHORS = ("all", "distilled")
+PSEUDO_BOX_LOSSES = ("full", "box")
+DISTILL_ENTRIES = ("all", "background")
+RECIPES = ("default", "paper")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,6 +60,12 @@ class DistillationArguments:
             (ground truth or pseudo-boxes), as RetinaNet normalises its focal loss.
         normalizer_power (`float`, *optional*, defaults to 1.8):
             Exponent of the adaptive normaliser.
+        distill_normalizer_anchors (`str`, *optional*, defaults to `"all"`):
+            Which anchors the adaptive normaliser counts: `"all"` anchors of the images, the ignore band included (the
+            authors' code), or only the `"distilled"` ones.
+        distill_entries (`str`, *optional*, defaults to `"all"`):
+            `"all"` anchors outside the ignore band are distilled, or only `"background"` ones (negatives of the real
+            or pseudo boxes): a diagnostic of where the teacher's signal helps.
         labeled_distill_weight (`float`, *optional*, defaults to 1.0):
             Weight of the distillation term on labeled images.
         unlabeled_distill_weight (`float`, *optional*, defaults to 1.0):
@@ -67,9 +77,18 @@ class DistillationArguments:
             Teacher score above which a detection becomes a pseudo-box (for `"hard"`, and for the box loss and the
             ignore mask on unlabeled images).
         pseudo_box_weight (`float`, *optional*, defaults to 1.0):
-            Weight of the box regression loss against the teacher's pseudo-boxes on unlabeled images (ADL, KL and
-            focal distillation; the soft targets train classification only, so without it the unlabeled images
-            teach no localisation). 0 disables it.
+            Weight of the loss against the teacher's pseudo-boxes on unlabeled images (ADL, KL and focal
+            distillation; without it the unlabeled images teach no localisation). 0 disables it.
+        pseudo_box_loss (`str`, *optional*, defaults to `"full"`):
+            The loss against the pseudo-boxes: RetinaNet's `"full"` focal + box loss, as the authors' code trains
+            every unlabeled minibatch (so SAD = hard data distillation plus ADL), or the `"box"` loss only.
+        drop_unlabeled_without_pseudo_boxes (`bool`, *optional*, defaults to `False`):
+            Leave unlabeled images on which the teacher detects nothing out of the step (counted,
+            `unlabeled_dropped`), as the authors' loader cannot load them. Off by default: with a weak or fresh
+            teacher that would drop most unlabeled images.
+        unlabeled_updates_batchnorm (`bool`, *optional*, defaults to `True`):
+            Whether unlabeled images take part in the BatchNorm running statistics of the student (when its
+            BatchNorm is not frozen); `False` updates them from the labeled images of each batch only.
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             Dtype of the teacher's weights: `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"` (bfloat16 with
             `--bf16`, float16 with `--fp16`, else float32).
@@ -93,12 +112,30 @@ class DistillationArguments:
         metadata={"help": "Divisor of the distillation sum.", "choices": list(DISTILL_NORMALIZERS)},
     )
     normalizer_power: float = field(default=1.8, metadata={"help": "Exponent of the adaptive normaliser."})
+    distill_normalizer_anchors: str = field(
+        default="all",
+        metadata={"help": "Anchors the adaptive normaliser counts.", "choices": list(NORMALIZER_ANCHORS)},
+    )
+    distill_entries: str = field(
+        default="all", metadata={"help": "Anchors that are distilled.", "choices": list(DISTILL_ENTRIES)}
+    )
     labeled_distill_weight: float = field(default=1.0, metadata={"help": "Weight of distillation on labeled images."})
     unlabeled_distill_weight: float = field(default=1.0, metadata={"help": "Weight of distillation on unlabeled data."})
     unlabeled_ratio: float = field(default=0.5, metadata={"help": "Share of unlabeled images in the stream."})
     pseudo_label_threshold: float = field(default=0.5, metadata={"help": "Teacher score threshold of pseudo-boxes."})
     pseudo_box_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the box loss on teacher pseudo-boxes of unlabeled images."}
+        default=1.0, metadata={"help": "Weight of the loss against teacher pseudo-boxes on unlabeled images."}
+    )
+    pseudo_box_loss: str = field(
+        default="full",
+        metadata={"help": "Loss against pseudo-boxes: focal + box ('full') or box only.",
+                  "choices": list(PSEUDO_BOX_LOSSES)},
+    )
+    drop_unlabeled_without_pseudo_boxes: bool = field(
+        default=False, metadata={"help": "Leave unlabeled images without a pseudo-box out of the step."}
+    )
+    unlabeled_updates_batchnorm: bool = field(
+        default=True, metadata={"help": "Let unlabeled images update the student's BatchNorm statistics."}
     )
     teacher_dtype: str = field(
         default="auto",
@@ -117,6 +154,9 @@ class DistillationArguments:
             "distill_loss": DISTILL_LOSSES,
             "adl_variant": ADL_VARIANTS,
             "distill_normalizer": DISTILL_NORMALIZERS,
+            "distill_normalizer_anchors": NORMALIZER_ANCHORS,
+            "distill_entries": DISTILL_ENTRIES,
+            "pseudo_box_loss": PSEUDO_BOX_LOSSES,
             "teacher_dtype": (*TEACHER_DTYPES, "auto"),
         }
         for name, allowed in choices.items():
@@ -157,6 +197,13 @@ class DetectionArguments:
         max_consecutive_nonfinite_steps (`int`, *optional*, defaults to 10):
             A step whose loss or gradients are NaN/inf is skipped (no weight, optimizer-state or BatchNorm update) and
             counted (`nonfinite_steps`); this many such steps in a row stop the run with an error.
+        recipe (`str`, *optional*, defaults to `"default"`):
+            `"default"`: the optimizer and schedule of `TrainingArguments` as given (AdamW, ...). `"paper"`: the
+            authors' released recipe: SGD with momentum 0.9 and weight decay 1e-4 (set here, overriding `optim` and
+            `weight_decay`), a linear warm-up from lr/3 over `warmup_steps` (default: 1/90 of the steps, the paper's
+            1k of 90k) and the learning rate x0.1 at 2/3 and 8/9 of the steps; a distilled student given no
+            `max_steps` trains 3x the steps its teacher was trained (its `trainer_state.json`). `learning_rate`
+            stays yours (the paper: 0.01 at batch 16).
     """
 
     hflip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
@@ -173,6 +220,12 @@ class DetectionArguments:
     max_consecutive_nonfinite_steps: int = field(
         default=10, metadata={"help": "Stop after this many consecutive steps with a NaN/inf loss (each is skipped)."}
     )
+    recipe: str = field(
+        default="default",
+        metadata={"help": "'paper': SGD + momentum 0.9, weight decay 1e-4, warm-up from lr/3, x0.1 at 2/3 and 8/9 of "
+                          "the steps (a student without max_steps trains 3x its teacher's steps).",
+                  "choices": list(RECIPES)},
+    )
 
     def validate_detection(self) -> None:
         """Raise a ValueError naming the first augmentation or bad-data setting that is out of range."""
@@ -186,6 +239,8 @@ class DetectionArguments:
             _fail(self, "min_images_before_skip_check", "a non-negative number of images")
         if self.max_consecutive_nonfinite_steps < 1:
             _fail(self, "max_consecutive_nonfinite_steps", "a number of steps >= 1")
+        if self.recipe not in RECIPES:
+            _fail(self, "recipe", f"one of {RECIPES}")
 
 
 @dataclass
@@ -216,6 +271,8 @@ class DetectionTrainingArguments(TrainingArguments, DetectionArguments):
             self.accelerator_config = {"dispatch_batches": False}
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every loader otherwise
+        if self.recipe == "paper":
+            self.optim, self.optim_args, self.weight_decay = "sgd", "momentum=0.9", 1e-4
         super().__post_init__()
         self.validate_detection()
         if "tensorboard" in self.report_to and not (

@@ -103,8 +103,8 @@ def test_dataloader_workers_report_skips_through_the_batch(tmp_path, labeled, ba
     good = image_value(jpeg(scene(64, 64)), "good")
     pool = unlabeled_pool([good, bad_values["truncated_jpeg"]] * 4, streaming=True)
     model, processor = tiny_detector()
-    args = make_args(tmp_path, max_steps=2, dataloader_num_workers=1)
-    trainer = SADTrainer(model, None, args, labeled, pool, processing_class=processor)
+    args = make_args(tmp_path, distill_loss="adl", max_steps=2, dataloader_num_workers=1)
+    trainer = SADTrainer(model, tiny_detector(seed=1)[0], args, labeled, pool, processing_class=processor)
     result = trainer.train()
     assert result.metrics["skipped_images"] == 2
     assert trainer.data_collator.stats.images_seen == 0  # the collator ran in the worker, not here
@@ -114,8 +114,9 @@ def test_too_many_skipped_images_stop_the_run_with_examples(tmp_path, labeled, b
     good = image_value(jpeg(scene(64, 64)), "good")
     pool = unlabeled_pool([good, bad_values["corrupt_bytes"]] * 4, streaming=True)
     model, processor = tiny_detector()
-    args = make_args(tmp_path, max_steps=3, min_images_before_skip_check=4, max_skipped_image_fraction=0.2)
-    trainer = SADTrainer(model, None, args, labeled, pool, processing_class=processor)
+    args = make_args(tmp_path, distill_loss="adl", max_steps=3, min_images_before_skip_check=4,
+                     max_skipped_image_fraction=0.2)
+    trainer = SADTrainer(model, tiny_detector(seed=1)[0], args, labeled, pool, processing_class=processor)
     with pytest.raises(RuntimeError) as error:
         trainer.train()
     message = str(error.value)
@@ -123,14 +124,14 @@ def test_too_many_skipped_images_stop_the_run_with_examples(tmp_path, labeled, b
     assert "'corrupt_bytes.img' sample_index=3" in message
 
 
-def test_labeled_undecodable_image_stops_training_naming_it_or_is_skipped_when_chosen(tmp_path, bad_values):
+def test_labeled_undecodable_image_is_refused_before_training_naming_it_or_skipped_when_chosen(tmp_path, bad_values):
     good = image_value(jpeg(scene(64, 64)), "good")
     images = [good, good, bad_values["zero_byte_file"], good]
     data = detection_dataset(images, [{"bbox": [[4, 4, 16, 16]], "category": [0]}] * 4)
     model, processor = tiny_detector()
     args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=4)
-    with pytest.raises(ValueError, match="Could not decode the labeled image .*empty.jpg"):
-        SADTrainer(model, None, args, data, processing_class=processor).train()
+    with pytest.raises(ValueError, match=r"train_dataset: 1 of 4 images cannot be read as images, e.g. .*empty\.jpg"):
+        SADTrainer(model, None, args, data, processing_class=processor)
     args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=4, skip_bad_labeled_images=True)
     result = SADTrainer(model, None, args, data, processing_class=processor).train()
     assert result.metrics["skipped_images"] == 1

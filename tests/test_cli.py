@@ -2,10 +2,10 @@
 transformers' example scripts and TRL's scripts expect it: a parser per command, `--config`, runs that end with the
 example scripts' files and printouts, clear failures, and `predict`'s outputs."""
 
-import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,8 +16,11 @@ import torch
 import yaml
 from PIL import Image
 from transformers import AutoModelForObjectDetection, pipeline
+from transformers.integrations.integration_utils import get_available_reporting_integrations
 
-from hf_sad.cli import main
+import hf_sad.cli
+from hf_sad.callbacks import TrainingStopped
+from hf_sad.cli import console_main, main
 from hf_sad.demo import QUICK, run_demo
 from hf_sad.inference import class_colour, draw_detections
 from hf_sad.synthetic import SYNTHETIC_LABELS, generate_scene
@@ -150,10 +153,11 @@ def test_each_command_has_its_own_help_with_its_own_flags_first(capsys):
         assert flag in text and "--learning_rate" not in text, command
 
 
-def test_train_refuses_distillation_flags(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--distill_loss", "--unlabeled_data", "--teacher"])
+def test_train_refuses_distillation_flags(tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--output_dir", str(tmp_path), "--distill_loss", "adl"])
-    assert exit_info.value.code == 2 and "unrecognized arguments: --distill_loss" in capsys.readouterr().err
+        main(["train", "--train_data", "synthetic:4", "--output_dir", str(tmp_path), flag, "adl"])
+    assert exit_info.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
 
 
 def test_config_file_gives_defaults_and_the_command_line_wins(tmp_path):
@@ -170,6 +174,9 @@ def test_config_file_gives_defaults_and_the_command_line_wins(tmp_path):
 
     config.write_text("studnet: resnet18\n")
     with pytest.raises(ValueError, match=r"unknown flag\(s\) \['studnet'\]"):
+        main(["train", "--config", str(config)])
+    config.write_text("student: [resnet18\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(config))} is not valid YAML"):
         main(["train", "--config", str(config)])
 
 
@@ -194,11 +201,14 @@ def test_supervised_run_ends_like_transformers_examples(tmp_path, capsys):
     assert "(supervised)" in card and "Teacher:" not in card and "knowledge-distillation" not in card
 
 
-def test_tensorboard_without_the_package_is_a_clear_error_at_once(tmp_path):
-    if any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
-        pytest.skip("tensorboard is installed here: nothing to refuse")
-    with pytest.raises(ValueError, match=r"pip install 'hf-sad\[tensorboard\]'"):
-        main(["train", "--output_dir", str(tmp_path), *TINY_MODEL, *TINY_RUN[:-6], "--report_to", "tensorboard"])
+@pytest.mark.parametrize(("integration", "install"), [("tensorboard", "pip install 'hf-sad[tensorboard]'"),
+                                                     ("wandb", "pip install wandb")])
+def test_report_to_a_missing_integration_is_a_clear_error_at_once(tmp_path, integration, install):
+    if integration in get_available_reporting_integrations():
+        pytest.skip(f"{integration} is installed here: nothing to refuse")
+    with pytest.raises(ValueError, match=rf"report_to includes \['{integration}'\].*{re.escape(install)}"):
+        main(["train", "--output_dir", str(tmp_path), *TINY_MODEL, *TINY_RUN, "--train_data", "synthetic:4",
+              "--report_to", integration])
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -229,6 +239,18 @@ def test_console_script_shows_data_errors_as_one_message(tmp_path):
     assert result.stderr.startswith(f"hf-sad: error: {tmp_path / 'missing'}: no such model folder")
 
 
+@pytest.mark.parametrize("error", [TrainingStopped("12 of 20 unlabeled images could not be decoded"),
+                                   ConnectionError("the Hub cannot be reached"), FileNotFoundError("x: no such file")])
+def test_console_script_shows_stopped_runs_and_unreachable_hubs_as_one_message(monkeypatch, capsys, error):
+    def stop(argv=None):
+        raise error
+
+    monkeypatch.setattr(hf_sad.cli, "main", stop)
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code == 1 and capsys.readouterr().err == f"hf-sad: error: {error}\n"
+
+
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
@@ -251,7 +273,7 @@ def test_predict_mirrors_folders_counts_bad_files_and_draws_one_colour_per_class
     detections = main(["predict", "--model", str(trained_model), "--images", str(photos), str(loose / "scene.png"),
                        "--output_dir", str(output_dir), "--threshold", "0.0"])
     out = capsys.readouterr().out
-    assert "1 file(s) could not be decoded and were skipped." in out
+    assert f"1 file(s) could not be decoded and were skipped: {photos / 'b' / 'broken.jpg'}." in out
     saved = json.loads((output_dir / "detections.json").read_text())
     assert saved == detections
     assert sorted(saved) == sorted(str(p) for p in (photos / "a" / "scene.png", photos / "b" / "scene.png",

@@ -358,9 +358,9 @@ def test_datasets_without_the_expected_columns_are_refused_listing_schema_and_co
         SADTrainer(student, None, make_args(tmp_path, max_steps=-1), streaming, processing_class=processor)
 
     renamed = labeled.cast(detection_features([f"x{i}" for i in range(len(SYNTHETIC_LABELS))]))
-    with pytest.raises(ValueError, match=r"categories \['x0', .*not among the model's labels"):
+    with pytest.raises(ValueError, match=r"train_dataset: categories \['x0', .*not among the model's labels"):
         SADTrainer(student, None, args, renamed, processing_class=processor)
-    with pytest.raises(ValueError, match="eval_dataset classes"):
+    with pytest.raises(ValueError, match=r"eval_dataset: categories \['x0', .*not among the model's labels"):
         SADTrainer(student, None, args, labeled, eval_dataset=renamed, processing_class=processor)
 
 
@@ -422,7 +422,8 @@ def test_coco_iscrowd_is_kept_through_dataset_stream_and_collator(tmp_path, dete
 @pytest.mark.parametrize(
     ("annotation", "expected"),
     [
-        ({"bbox": [1, 2, 3]}, r"annotation 7 \(image_id 1\): objects\[0\]: bbox must be \[x, y, w, h\] .*\[1, 2, 3\]"),
+        ({"bbox": [1, 2, 3]},
+         r"annotation 7 \(image_id 1\): bbox must be \[x, y, w, h\] \(4 numbers\), got \[1, 2, 3\]"),
         ({"bbox": [1, 2, 3, 4, 5]}, r"annotation 7 \(image_id 1\).*4 numbers\), got \[1, 2, 3, 4, 5\]"),
         ({"bbox": ["1", "2", "a", "4"]}, r"annotation 7 \(image_id 1\).*must hold 4 numbers"),
         ({"bbox": None}, r"annotation 7 \(image_id 1\).*got None"),
@@ -499,7 +500,7 @@ def test_standard_coco_layout_is_found_and_image_dir_is_an_option(tmp_path, dete
         assert dataset[0]["image"].size == (64, 64)  # decodes: the images were found in val2017/
     elsewhere = write_coco(tmp_path / "other", [image_entry(1)], annotations, image_dir="pictures")
     misplaced = load_labeled_dataset(elsewhere)  # looks beside the json, where the images are not
-    with pytest.raises(FileNotFoundError, match=r"1 of 1 image files do not exist.*--image_dir"):
+    with pytest.raises(FileNotFoundError, match=r"1 of 1 image files do not exist.*--train_image_dir"):
         check_labeled_dataset(misplaced, "train_dataset")
     assert load_labeled_dataset(elsewhere, image_dir=elsewhere.parent / "pictures")[0]["image"].size == (64, 64)
 
@@ -526,8 +527,17 @@ def test_local_paths_that_do_not_exist_are_missing_paths_not_hub_ids(tmp_path, m
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"{source}: no such"):
         load_labeled_dataset(source)
-    with pytest.raises(FileNotFoundError, match=f"{source}: no"):
+    with pytest.raises(FileNotFoundError, match=f"{source}: no such"):
         load_unlabeled_images(source)
+
+
+def test_a_missing_folder_inside_a_local_folder_is_a_missing_path_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pets").mkdir()  # "pets/train" reads as the Hub id pets/train unless pets/ is here
+    with pytest.raises(FileNotFoundError, match="pets/train: no such file or folder"):
+        load_labeled_dataset("pets/train")
+    with pytest.raises(FileNotFoundError, match="pets/train: no such file or folder"):
+        load_unlabeled_images("pets/train")
 
 
 def test_empty_sources_are_errors_naming_them(tmp_path, labeled, detector):
@@ -551,8 +561,9 @@ def test_empty_sources_are_errors_naming_them(tmp_path, labeled, detector):
         SADTrainer(model, tiny_detector(seed=1)[0], make_args(tmp_path, distill_loss="adl"), labeled, empty_stream,
                    processing_class=processor)
     with pytest.raises(ValueError, match="unlabeled_ratio=0 would never read it"):
-        SADTrainer(model, None, make_args(tmp_path, unlabeled_ratio=0.0), labeled,
-                   make_unlabeled_stream(image_size=IMAGE_SIZE), processing_class=processor)
+        args = make_args(tmp_path, distill_loss="adl", unlabeled_ratio=0.0)
+        SADTrainer(model, tiny_detector(seed=1)[0], args, labeled, make_unlabeled_stream(image_size=IMAGE_SIZE),
+                   processing_class=processor)
 
 
 def test_a_corrupt_parquet_shard_is_named_before_training(tmp_path, unlabeled_images):
@@ -566,3 +577,14 @@ def test_a_corrupt_parquet_shard_is_named_before_training(tmp_path, unlabeled_im
     (folder / "part-1.parquet").write_bytes(data[: len(data) // 2])  # truncated mid-file
     with pytest.raises(ValueError, match=r"The parquet shard .*part-1\.parquet cannot be read"):
         load_unlabeled_images(folder)
+    with pytest.raises(ValueError, match=r"The parquet shard .*part-1\.parquet cannot be read"):
+        load_unlabeled_images(str(folder / "*.parquet"))
+
+
+def test_a_corrupt_labeled_parquet_file_is_named(tmp_path, labeled):
+    labeled.to_parquet(str(tmp_path / "train.parquet"))
+    data = (tmp_path / "train.parquet").read_bytes()
+    (tmp_path / "train.parquet").write_bytes(data[: len(data) // 2])
+    for source in (tmp_path / "train.parquet", str(tmp_path / "*.parquet")):
+        with pytest.raises(ValueError, match=r"The parquet shard .*train\.parquet cannot be read"):
+            load_labeled_dataset(source)

@@ -6,16 +6,20 @@ checks in test_distillation.py, the stream in test_data.py, the collator in test
 in test_callbacks.py.
 """
 
+import io
 import json
 import logging
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import TrainerState
 
-from hf_sad.synthetic import make_labeled_dataset, make_unlabeled_stream
+from hf_sad.data import detection_features
+from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
 from hf_sad.trainer import SADTrainer
 
 from .utils import (
@@ -56,8 +60,8 @@ def test_each_distillation_loss_trains(tmp_path, labeled, distill_loss):
     student, teacher, processor = student_and_teacher()
     before = {k: v.clone() for k, v in student.state_dict().items()}
     args = make_args(tmp_path, distill_loss=distill_loss, max_steps=3, pseudo_label_threshold=0.005)
-    trainer = SADTrainer(student, teacher, args, labeled, make_unlabeled_stream(image_size=IMAGE_SIZE),
-                         processing_class=processor)
+    unlabeled = make_unlabeled_stream(image_size=IMAGE_SIZE) if distill_loss != "none" else None
+    trainer = SADTrainer(student, teacher, args, labeled, unlabeled, processing_class=processor)
     trainer.train()
     logs = trainer.state.log_history
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs if "loss" in entry)
@@ -71,6 +75,9 @@ def test_each_distillation_loss_trains(tmp_path, labeled, distill_loss):
         assert "loss_distill_unlabeled" in logs[0] and logs[0]["pseudo_boxes_per_image"] > 0
     if distill_loss == "none":
         assert trainer.teacher is None and "loss_distill_labeled" not in logs[0]
+        with pytest.raises(ValueError, match="unlabeled_dataset was given but distill_loss='none'"):
+            SADTrainer(student, None, args, labeled, make_unlabeled_stream(image_size=IMAGE_SIZE),
+                       processing_class=processor)
 
 
 def test_evaluate_reports_coco_map(tmp_path, labeled, val):
@@ -105,19 +112,38 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, labeled):
     assert [e["loss_gt"] for e in full_logs[2:4]] == [e["loss_gt"] for e in resumed_logs[2:4]]
 
 
-def test_undecodable_evaluation_image_is_named_or_skipped_when_chosen(tmp_path, labeled, bad_values):
-    """Evaluation images reach the collator undecoded too: a bad one is named (not an anonymous datasets error)."""
+def test_undecodable_evaluation_image_is_named_or_skipped_when_chosen(tmp_path, labeled, bad_values, caplog):
+    """Evaluation images are checked before training (headers only): a bad one is named, not an anonymous datasets
+    error hours later; with skip_bad_labeled_images it is counted and skipped by the collator."""
     good = [{"bytes": jpeg(scene(64, 64)), "path": f"val{i}.jpg"} for i in range(2)]
-    evaluation = detection_dataset(good + [bad_values["corrupt_bytes"], bad_values["truncated_jpeg"]],
+    evaluation = detection_dataset(good + [bad_values["corrupt_bytes"], bad_values["not_an_image"]],
                                    [{"bbox": [[4, 4, 16, 16]], "category": [0]}] * 4)
     model, processor = tiny_detector()
     args = make_args(tmp_path, per_device_eval_batch_size=2)
-    with pytest.raises(ValueError, match="Could not decode the labeled image 'corrupt_bytes.img'"):
-        SADTrainer(model, None, args, labeled, eval_dataset=evaluation, processing_class=processor).evaluate()
+    with pytest.raises(ValueError, match=r"eval_dataset: 2 of 4 images cannot be read as images, e\.g\. "
+                                         r"'corrupt_bytes.img'.*--skip_bad_labeled_images"):
+        SADTrainer(model, None, args, labeled, eval_dataset=evaluation, processing_class=processor)
     args = make_args(tmp_path, per_device_eval_batch_size=2, skip_bad_labeled_images=True)
-    trainer = SADTrainer(model, None, args, labeled, eval_dataset=evaluation, processing_class=processor)
+    with caplog.at_level(logging.WARNING, logger="hf_sad"):
+        trainer = SADTrainer(model, None, args, labeled, eval_dataset=evaluation, processing_class=processor)
+    assert "2 of 4 images cannot be read as images and will be skipped" in caplog.text
     metrics = trainer.evaluate()  # the second batch is all bad: a placeholder that scores no image
     assert 0.0 <= metrics["eval_map"] <= 1.0
+
+
+def test_an_image_readable_at_first_but_corrupt_inside_is_named_when_reached(tmp_path, labeled):
+    """A JPEG cut inside its scan data passes the header check; the collator names it when evaluation reaches it."""
+    good = [{"bytes": jpeg(scene(64, 64)), "path": f"val{i}.jpg"} for i in range(2)]
+    full = jpeg(scene(64, 64))
+    cut = {"bytes": full[: full.index(b"\xff\xda") + 40], "path": "cut_in_scan.jpg"}  # 40 bytes past start-of-scan
+    assert Image.open(io.BytesIO(cut["bytes"])).size == (64, 64)
+    objects = [{"bbox": [[4, 4, 16, 16]], "category": [0]}] * 3
+    evaluation = detection_dataset(good + [cut], objects)
+    model, processor = tiny_detector()
+    trainer = SADTrainer(model, None, make_args(tmp_path, per_device_eval_batch_size=2), labeled,
+                         eval_dataset=evaluation, processing_class=processor)
+    with pytest.raises(ValueError, match="Could not decode the labeled image 'cut_in_scan.jpg'"):
+        trainer.evaluate()
 
 
 def test_resume_with_changed_distillation_settings_is_refused_unless_allowed(tmp_path, labeled, caplog):
@@ -198,3 +224,40 @@ def test_paper_recipe_sgd_schedule_and_three_times_the_teachers_steps(tmp_path, 
     with pytest.raises(ValueError, match="trainer_state.json .* set max_steps"):
         SADTrainer(student, model, make_args(tmp_path, distill_loss="adl", recipe="paper", max_steps=-1), labeled,
                    make_unlabeled_stream(image_size=IMAGE_SIZE), processing_class=processor)
+
+
+
+def relabelled(dataset, names: list[str], keep: list[str] | None = None):
+    """`dataset` (synthetic classes) with its categories listed as `names` instead, keeping objects of `keep` only."""
+    rows = []
+    for row in dataset.cast_column("image", datasets.Image(decode=False)):
+        objects = row["objects"]
+        kept = [i for i, c in enumerate(objects["category"]) if keep is None or SYNTHETIC_LABELS[c] in keep]
+        objects = {key: [values[i] for i in kept] for key, values in objects.items()}
+        objects["category"] = [names.index(SYNTHETIC_LABELS[c]) for c in objects["category"]]
+        rows.append({**row, "objects": objects})
+    return datasets.Dataset.from_list(rows, features=detection_features(names))
+
+
+def test_evaluation_sets_may_order_or_subset_their_classes_differently(tmp_path, labeled):
+    """Evaluation matches categories by class name: a set listing the classes in reverse gives the model the same
+    ids and the same mAP, and a set of some classes only (in its own order) scores those classes as the full set."""
+    model, processor = tiny_detector()
+    trainer = SADTrainer(model, None, make_args(tmp_path), labeled, processing_class=processor)
+
+    def model_ids(dataset):
+        return [t["class_labels"].tolist() for batch in trainer.get_eval_dataloader(dataset) for t in batch["labels"]]
+
+    def scores(dataset, classes=SYNTHETIC_LABELS):
+        metrics = trainer.evaluate(dataset)
+        return {name: metrics[f"eval_map_{name}"] for name in classes}
+
+    reordered = relabelled(labeled, SYNTHETIC_LABELS[::-1])
+    assert model_ids(reordered) == model_ids(labeled)
+    assert scores(reordered) == pytest.approx(scores(labeled), rel=0, abs=0, nan_ok=True)
+
+    subset = ["square", "circle"]
+    partial = relabelled(labeled, subset, keep=subset)
+    wanted = [SYNTHETIC_LABELS.index(name) for name in subset]
+    assert model_ids(partial) == [[c for c in ids if c in wanted] for ids in model_ids(labeled)]
+    assert scores(partial, subset) == pytest.approx(scores(labeled, subset), rel=0, abs=0, nan_ok=True)

@@ -75,7 +75,14 @@ def create_detector(
 def load_pretrained_backbone(model: SADForObjectDetection) -> SADForObjectDetection:
     """Copy timm's pretrained weights (Hub or local timm cache) into `model.backbone` in place."""
     config = model.config
-    source = timm.create_model(config.backbone, pretrained=True, features_only=True, **config.backbone_kwargs)
+    try:
+        source = timm.create_model(config.backbone, pretrained=True, features_only=True, **config.backbone_kwargs)
+    except (OSError, RuntimeError) as error:  # no network and not in timm's cache; no weights for this name
+        raise ValueError(
+            f"Could not load timm's pretrained weights for {config.backbone!r} (they come from the Hugging Face Hub "
+            f"or timm's cache): {type(error).__name__}: {error}. Train from scratch (no --pretrained_backbone) or "
+            "start from a saved detector with --init_from."
+        ) from error
     target = model.backbone.body.state_dict()
     # Frozen BatchNorm layers keep no `num_batches_tracked`; every other tensor must be there.
     weights = {k: v for k, v in source.state_dict().items() if k in target or not k.endswith("num_batches_tracked")}

@@ -41,6 +41,7 @@ __all__ = [
     "SkipBadStepsCallback",
     "SkippedImagesCallback",
     "SyncBuffersCallback",
+    "TrainingStopped",
     "changed_run_settings",
     "checkpoint_problems",
     "get_last_complete_checkpoint",
@@ -53,6 +54,11 @@ RUN_SETTINGS = "run_settings.json"
 INCOMPLETE_SUFFIX = ".incomplete"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped on purpose because of what it met (too many undecodable images, too many non-finite steps); its
+    message says why and what to change."""
 
 
 def sum_across_processes(values: list[float], device: torch.device | str = "cpu") -> list[float]:
@@ -161,7 +167,7 @@ class SkipBadStepsCallback(TrainerCallback):
             step, cause, self._consecutive, self.nonfinite_steps,
         )
         if self._consecutive >= self.max_consecutive_nonfinite_steps:
-            raise RuntimeError(
+            raise TrainingStopped(
                 f"Stopping: {cause} for {self._consecutive} consecutive optimizer steps (the last is step {step}; "
                 f"max_consecutive_nonfinite_steps={self.max_consecutive_nonfinite_steps}). These steps were skipped, "
                 f"so the weights are not poisoned. Loss terms of the last bad batch: {self._bad_terms or 'finite'}. "
@@ -295,7 +301,7 @@ class SkippedImagesCallback(TrainerCallback):
             and self.images_seen >= self.min_images
             and self.skipped_images > self.max_fraction * self.images_seen
         ):
-            raise RuntimeError(
+            raise TrainingStopped(
                 f"{self.skipped_images} of the {self.images_seen} training images read so far could not be decoded "
                 f"({self.skipped_images / self.images_seen:.1%}, more than max_skipped_image_fraction="
                 f"{self.max_fraction}). Examples: {'; '.join(self.examples) or '(skipped on other processes)'}. Fix "

@@ -24,6 +24,7 @@ import yaml
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, HfArgumentParser, set_seed
 
 from .builder import create_detector
+from .callbacks import TrainingStopped
 from .data import check_labeled_schema, dataset_label_names, load_labeled_dataset, load_unlabeled_images
 from .hub import is_hub_id, looks_like_local_path
 from .reporting import format_metrics, write_json
@@ -50,7 +51,7 @@ class DataArguments:
 
     _argument_group_name = "data"
 
-    train_data: str = field(default="synthetic:256", metadata={"help": "Labeled training data."})
+    train_data: str = field(metadata={"help": "Labeled training data (see the README's table of formats)."})
     train_split: str = field(default="train", metadata={"help": "Split of a DatasetDict, parquet or Hub dataset."})
     train_image_dir: str | None = field(
         default=None, metadata={"help": "Image folder of a COCO json whose images are not where it looks."}
@@ -63,9 +64,17 @@ class DataArguments:
         metadata={"help": "Class names, in category-id order, for data whose categories are plain integers "
                           "(an imagefolder, a saved dataset); data with names must agree with them."},
     )
+    synthetic_image_size: int = field(default=128, metadata={"help": "Image side of the built-in synthetic data."})
+
+
+@dataclass
+class UnlabeledDataArguments:
+    """The unlabeled images of a distillation (a supervised run has no use for them)."""
+
+    _argument_group_name = "unlabeled data"
+
     unlabeled_data: str | None = field(default=None, metadata={"help": "Unlabeled images (folder, parquet, Hub id)."})
     unlabeled_split: str = field(default="train", metadata={"help": "Split of a Hub unlabeled dataset."})
-    synthetic_image_size: int = field(default=128, metadata={"help": "Image side of the built-in synthetic data."})
 
 
 @dataclass
@@ -117,7 +126,10 @@ def _read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
-    values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}.")
     actions = {action.dest: action for action in parser._actions}
@@ -208,6 +220,7 @@ def run_training(
     model_args: ModelArguments,
     training_args: SADTrainingArguments,
     teacher: str | None = None,
+    unlabeled_args: UnlabeledDataArguments | None = None,
 ) -> dict:
     """Train (supervised with `distill_loss="none"`, else distil), save, evaluate, write results and the model card,
     optionally push. Ends as transformers' example scripts do (`***** train metrics *****`, `train_results.json`,
@@ -221,8 +234,9 @@ def run_training(
         evaluation = load_data(data_args.eval_data, data_args.eval_split, data_args.synthetic_image_size,
                                image_dir=data_args.eval_image_dir)
     unlabeled = None
-    if data_args.unlabeled_data:
-        unlabeled = load_unlabeled(data_args.unlabeled_data, data_args.unlabeled_split, data_args.synthetic_image_size)
+    if unlabeled_args is not None and unlabeled_args.unlabeled_data:
+        unlabeled = load_unlabeled(unlabeled_args.unlabeled_data, unlabeled_args.unlabeled_split,
+                                   data_args.synthetic_image_size)
     set_seed(training_args.seed)  # a fresh student's initialisation is part of the run: same --seed, same run
     model, processor = build_student(model_args, id2label)
     trainer = SADTrainer(
@@ -254,7 +268,7 @@ def run_training(
             print(f"\nCOCO AP of the {'student' if trainer.teacher is not None else 'model'} on "
                   f"{data_args.eval_data} (percent)\n{format_metrics(eval_metrics, id2label, prefix='eval_')}\n")
     card = {
-        "datasets": [d for d in (data_args.train_data, data_args.unlabeled_data) if d],
+        "datasets": [data_args.train_data] + ([unlabeled_args.unlabeled_data] if unlabeled is not None else []),
         "dataset_name": data_args.eval_data or data_args.train_data,
         "license": model_args.license,
     }
@@ -273,13 +287,14 @@ def distill_main(argv: list[str] | None = None) -> dict:
     """`hf-sad distill` / `scripts/distill.py`: student + frozen teacher (+ unlabeled data) -> distilled student."""
     namespace = parse(
         "hf-sad distill", "Distil a frozen teacher into a student with SAD.",
-        (DataArguments, ModelArguments, TeacherArguments, SADTrainingArguments), _argv(argv),
+        (DataArguments, UnlabeledDataArguments, ModelArguments, TeacherArguments, SADTrainingArguments), _argv(argv),
     )
     training_args = from_namespace(SADTrainingArguments, namespace)
     if training_args.distill_loss != "none" and not namespace.teacher:
         raise SystemExit("hf-sad distill: error: --teacher is required for distillation (or pass --distill_loss none).")
     return run_training(from_namespace(DataArguments, namespace), from_namespace(ModelArguments, namespace),
-                        training_args, teacher=namespace.teacher)
+                        training_args, teacher=namespace.teacher,
+                        unlabeled_args=from_namespace(UnlabeledDataArguments, namespace))
 
 
 def train_main(argv: list[str] | None = None) -> dict:
@@ -324,6 +339,7 @@ class EvaluateArguments:
     split: str = field(default="validation", metadata={"help": "Split of a DatasetDict, parquet or Hub dataset."})
     image_dir: str | None = field(default=None, metadata={"help": "Image folder of a COCO json."})
     output_file: str = field(default="evaluation.json", metadata={"help": "Where the metrics are written (JSON)."})
+    skip_bad_labeled_images: bool = field(default=False, metadata={"help": "Skip undecodable images (counted)."})
     batch_size: int = field(default=8, metadata={"help": "Images per forward pass."})
     synthetic_image_size: int = field(default=128, metadata={"help": "Image side of synthetic data."})
 
@@ -338,7 +354,8 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     model, processor = load_saved_detector(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         training_args = SADTrainingArguments(output_dir=tmp, distill_loss="none", report_to="none",
-                                             per_device_eval_batch_size=args.batch_size, disable_tqdm=False)
+                                             per_device_eval_batch_size=args.batch_size, disable_tqdm=False,
+                                             skip_bad_labeled_images=args.skip_bad_labeled_images)
         trainer = SADTrainer(model, None, training_args, eval_dataset=data, processing_class=processor)
         metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
     path = write_json(args.output_file, metrics)
@@ -429,13 +446,13 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 def console_main() -> None:
-    """The `hf-sad` console script: `main()`, with data, path and configuration errors shown as one message (no
-    traceback) and exit status 1."""
+    """The `hf-sad` console script: `main()`, with data, path and configuration errors (and runs stopped on purpose,
+    and a Hub that cannot be reached) shown as one message (no traceback) and exit status 1."""
     try:
         main()
-    except (ValueError, FileNotFoundError, PermissionError) as error:
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError, TrainingStopped) as error:
         print(f"hf-sad: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
-__all__ = ["DataArguments", "ModelArguments", "TeacherArguments", "console_main", "main"]
+__all__ = ["DataArguments", "ModelArguments", "TeacherArguments", "UnlabeledDataArguments", "console_main", "main"]

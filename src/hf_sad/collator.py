@@ -34,6 +34,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "CollationStats",
     "SADDataCollator",
+    "checked_box",
     "clean_boxes",
     "decode_image",
     "decode_image_with_scale",
@@ -93,13 +94,15 @@ def objects_as_columns(objects: Any, where: str = "an image") -> dict[str, list]
         raise ValueError(f"{where}: `objects` has {len(bboxes)} bbox, {len(categories)} category and {len(crowd)} "
                          "iscrowd values; they must be equally many.")
     return {
-        "bbox": [_checked_box(box, f"{where}: objects[{i}]") for i, box in enumerate(bboxes)],
+        "bbox": [checked_box(box, f"{where}: objects[{i}]") for i, box in enumerate(bboxes)],
         "category": [_checked_int(c, f"{where}: objects[{i}] category") for i, c in enumerate(categories)],
         "iscrowd": [_checked_int(c, f"{where}: objects[{i}] iscrowd") for i, c in enumerate(crowd)],
     }
 
 
-def _checked_box(box: Any, where: str) -> list[float]:
+def checked_box(box: Any, where: str) -> list[float]:
+    """A COCO box [x, y, w, h] as 4 floats; anything else (another length, non-numbers, NaN) is a ValueError naming
+    `where`. Numeric strings ("12.5") are read as numbers."""
     if isinstance(box, (str, bytes)) or not hasattr(box, "__len__") or len(box) != 4:
         raise ValueError(f"{where}: bbox must be [x, y, w, h] (4 numbers), got {box!r}.")
     try:
@@ -322,7 +325,8 @@ class SADDataCollator:
                 if labeled and not self.skip_bad_labeled_images:
                     raise ValueError(
                         f"Could not decode the labeled image {where}: {type(error).__name__}: {error}. Fix or remove "
-                        "it, or set skip_bad_labeled_images=True to skip undecodable labeled images."
+                        "it, or pass --skip_bad_labeled_images (skip_bad_labeled_images=True) to skip undecodable "
+                        "labeled images."
                     ) from error
                 logger.warning("Skipping undecodable image %s: %s: %s", where, type(error).__name__, error)
                 self.stats.skipped(where)

@@ -14,12 +14,14 @@ collation are `hf_sad.collator`'s (its names are re-exported here).
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets import ClassLabel, Features, List, Value
@@ -31,6 +33,7 @@ from .collator import (
     IMAGE_SUFFIXES,
     CollationStats,
     SADDataCollator,
+    checked_box,
     clean_boxes,
     decode_image,
     decode_image_with_scale,
@@ -61,6 +64,7 @@ __all__ = [
     "load_labeled_dataset",
     "load_unlabeled_images",
     "map_categories",
+    "with_model_categories",
 ]
 
 logger = logging.getLogger(__name__)
@@ -130,7 +134,7 @@ def load_coco_detection(annotation_file: str | Path, image_dir: str | Path | Non
                              f"({sorted(to_label)}).")
         if "bbox" not in ann:
             raise ValueError(f"{where} has no 'bbox'.")
-        box = objects_as_columns({"bbox": [ann["bbox"]], "category": [0]}, where)["bbox"][0]
+        box = checked_box(ann["bbox"], where)
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1):
             raise ValueError(f"{where}: iscrowd must be 0 or 1, got {crowd!r}.")
@@ -183,6 +187,9 @@ def _coco_images(images: list, source: Path) -> list[Mapping]:
     for index, image in enumerate(images):
         if not isinstance(image, Mapping) or "id" not in image or not image.get("file_name"):
             raise ValueError(f"{source}: images[{index}] = {image!r:.100} needs an 'id' and a 'file_name'.")
+        if not isinstance(image["id"], int) or isinstance(image["id"], bool):
+            raise ValueError(f"{source}: images[{index}] ({image['file_name']}) has id {image['id']!r}; COCO image "
+                             "ids are integers.")
     counts = Counter(image["id"] for image in images)
     duplicates = [image_id for image_id, count in counts.items() if count > 1]
     if duplicates:
@@ -251,9 +258,8 @@ def load_labeled_dataset(
     if path.suffix == ".json":
         dataset = load_coco_detection(path, image_dir)
     elif path.suffix == ".parquet" or "*" in text:
-        if "*" not in text and not path.is_file():
-            raise FileNotFoundError(f"{source}: no such parquet file.")
-        dataset = datasets.load_dataset("parquet", data_files=text, split="train")
+        files = parquet_files(source)
+        dataset = datasets.load_dataset("parquet", data_files=files, split="train")
     elif path.is_dir():
         dataset = _load_labeled_folder(path, split, image_dir)
     elif _local_source(text):
@@ -281,11 +287,19 @@ def _load_labeled_folder(path: Path, split: str, image_dir: str | Path | None) -
         return saved[split]
     if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
         return datasets.load_from_disk(str(path))
-    if any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")):
+    shards = sorted(str(p) for pattern in ("*.parquet", "data/*.parquet") for p in path.glob(pattern))
+    if shards:
+        check_parquet_shards(shards)
         found = datasets.load_dataset(str(path))
         if split not in found:
             raise ValueError(f"{path} holds parquet splits {sorted(found)}; there is no split {split!r}.")
         return found[split]
+    jsons = sorted(p.name for p in path.glob("*.json"))
+    if jsons:
+        raise ValueError(
+            f"{path} holds no {split}.json nor annotations.json (split {split!r}), but {jsons}: pass the split that "
+            f"names one of them (e.g. --train_split / --eval_split {Path(jsons[0]).stem}) or the json itself."
+        )
     raise ValueError(f"{path} is not a labeled dataset in a known layout. Accepted: {LABELED_LAYOUTS}.")
 
 
@@ -309,10 +323,7 @@ def load_unlabeled_images(source: str | Path, split: str = "train", streaming: b
             raise ValueError(f"The unlabeled folder {path} is empty: it holds no images "
                              f"({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet shards.")
     elif text.endswith(".parquet") or "*" in text:
-        files = sorted(glob.glob(str(path))) if "*" in text else [str(path)] if path.is_file() else []
-        if not files:
-            raise FileNotFoundError(f"{source}: no parquet file matches.")
-        check_parquet_shards(files)
+        files = parquet_files(source)
         ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
     elif _local_source(text):
         raise FileNotFoundError(f"{source}: no such file or folder (nor a Hub dataset id, namespace/name).")
@@ -323,10 +334,13 @@ def load_unlabeled_images(source: str | Path, split: str = "train", streaming: b
 
 def _local_source(text: str) -> bool:
     """Whether a data source string names a local path rather than a Hub dataset: a path that exists or is spelled
-    as one, a name with a data-file suffix ("coco/train.json" is a missing file, not a Hub id), or not a Hub id."""
-    suffix = Path(text).suffix.lower()
-    data_file = suffix in (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".zip", ".tar") or suffix in IMAGE_SUFFIXES
-    return looks_like_local_path(text) or data_file or not is_hub_id(text)
+    as one, a name with a data-file suffix ("coco/train.json" is a missing file, not a Hub id), a path whose first
+    folder exists here, or not a Hub id."""
+    path = Path(text)
+    data_file = path.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".zip", ".tar")
+    local_parent = len(path.parts) > 1 and Path(path.parts[0]).is_dir()  # "data/train" where data/ is here
+    return (looks_like_local_path(text) or data_file or path.suffix.lower() in IMAGE_SUFFIXES or local_parent
+            or not is_hub_id(text))
 
 
 def check_parquet_shards(files: Sequence[str]) -> None:
@@ -341,6 +355,21 @@ def check_parquet_shards(files: Sequence[str]) -> None:
             raise ValueError(f"The parquet shard {file} cannot be read ({type(error).__name__}: {error}).") from error
 
 
+def parquet_files(source: str | Path) -> list[str]:
+    """The parquet files a path or glob (`shards/*.parquet`) names, each checked readable (`check_parquet_shards`)."""
+    text = str(Path(source).expanduser())
+    if "*" in text:
+        files = sorted(glob.glob(text))
+        if not files:
+            raise FileNotFoundError(f"{source}: no parquet file matches.")
+    elif Path(text).is_file():
+        files = [text]
+    else:
+        raise FileNotFoundError(f"{source}: no such parquet file.")
+    check_parquet_shards(files)
+    return files
+
+
 def dataset_label_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str] | None:
     """Class names of a detection dataset's `objects.category` ClassLabel, or None when categories are plain ints."""
     objects = (dataset.features or {}).get("objects")
@@ -353,7 +382,7 @@ def dataset_label_names(dataset: datasets.Dataset | datasets.IterableDataset) ->
 
 
 def category_mapping(
-    dataset: datasets.Dataset | datasets.IterableDataset, id2label: Mapping[int, str]
+    dataset: datasets.Dataset | datasets.IterableDataset, id2label: Mapping[int, str], dataset_name: str = "the dataset"
 ) -> dict[int, int]:
     """Dataset category id -> model label id, matching by class name. A name the model does not know is an error."""
     names = dataset_label_names(dataset)
@@ -363,10 +392,33 @@ def category_mapping(
     unknown = [n for n in names if n not in label2id]
     if unknown:
         raise ValueError(
-            f"The dataset's categories {unknown} are not among the model's labels {sorted(label2id)}. Build the model "
-            "with the dataset's class names (id2label), or remap the dataset's categories."
+            f"{dataset_name}: categories {unknown} are not among the model's labels {sorted(label2id)}. Build the "
+            "model with the dataset's class names (id2label), or remap the dataset's categories."
         )
     return {i: label2id[name] for i, name in enumerate(names)}
+
+
+def with_model_categories(
+    dataset: datasets.Dataset | datasets.IterableDataset, id2label: Mapping[int, str]
+) -> datasets.Dataset | datasets.IterableDataset:
+    """`dataset` with `objects.category` turned into the model's label ids by class name (see `category_mapping`):
+    an evaluation set may list its classes in another order than the training set, or only some of them. Unchanged
+    when the ids already are the model's (or the categories are plain integers)."""
+    mapping = category_mapping(dataset, id2label)
+    if all(source == target for source, target in mapping.items()):
+        return dataset
+
+    def remap(objects: Any) -> dict:
+        columns = objects_as_columns(objects)
+        return {"objects": {**columns, "category": [mapping[c] for c in columns["category"]]}}
+
+    features = dataset.features.copy()
+    names = [id2label[i] for i in sorted(id2label, key=int)]
+    inner = dict(features["objects"]) if isinstance(features["objects"], Mapping) else dict(features["objects"].feature)
+    inner.update(bbox=List(List(Value("float32"), length=4)), category=List(ClassLabel(names=names)),
+                 iscrowd=List(Value("int64")))
+    features["objects"] = {key: inner[key] for key in ("bbox", "category", "iscrowd")}
+    return dataset.map(remap, input_columns="objects", features=features)
 
 
 def image_column(dataset: datasets.Dataset | datasets.IterableDataset) -> str:
@@ -405,15 +457,18 @@ def check_labeled_dataset(
     name: str,
     category_map: Mapping[int, int] | None = None,
     id2label: Mapping[int, str] | None = None,
+    skip_undecodable: bool = False,
 ) -> None:
     """Find what would stop a run late, before its first step: a fast pass over a map-style labeled dataset that reads
     annotations and file headers, never pixels.
 
     Errors (ValueError, naming `name`, the image and what is wrong): an empty dataset, missing columns, malformed
     `objects` (null, a bbox that is not 4 numbers, a category that is not an integer id or not one of the model's
-    classes), image files that do not exist (all of them counted, examples named). Warnings through the `hf_sad`
-    logger, with counts and examples: image sizes in the data that disagree with the files. A streaming dataset is
-    only checked for its columns (reading it through would cost what training costs).
+    classes), image files that do not exist, images whose header cannot be read (not images, truncated at the
+    start; all of them counted, examples named; with `skip_undecodable` the latter are a warning, and the collator
+    skips them). Warnings through the `hf_sad` logger, with counts and examples: image sizes in the data that
+    disagree with the files. A streaming dataset is only checked for its columns (reading it through would cost what
+    training costs).
     """
     check_labeled_schema(dataset, name)
     if not isinstance(dataset, datasets.Dataset):
@@ -423,34 +478,45 @@ def check_labeled_dataset(
     column = image_column(dataset)
     keep = [c for c in (column, "objects", "image_id", "width", "height") if c in dataset.column_names]
     rows = dataset.select_columns(keep).cast_column(column, ImageFeature(decode=False))
-    missing, wrong_size, checked = [], [], 0
+    missing, unreadable, wrong_size, checked = [], [], [], 0
     for index, row in enumerate(tqdm(rows, desc=f"Checking {name}", disable=len(rows) < 2000, unit="image")):
         value = row[column]
         image_id = f", image_id={row['image_id']}" if row.get("image_id") is not None else ""
         where = f"{name} row {index} ({image_name(value)}{image_id})"
         objects = objects_as_columns(row["objects"], where)
         map_categories(objects["category"], category_map, id2label, where=where)
-        path = value.get("path") if isinstance(value, Mapping) and not value.get("bytes") else None
-        if path is None:
-            continue
-        if not Path(path).is_file():
+        data = value.get("bytes") if isinstance(value, Mapping) else None
+        path = value.get("path") if isinstance(value, Mapping) else None
+        if not data and path and not Path(path).is_file():
             missing.append(path)
+            continue
+        if not data and not path:
+            continue  # an in-memory image (a PIL image): decoded already
+        try:
+            with Image.open(io.BytesIO(data) if data else path) as image:  # reads the header only
+                size = image.size
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for malformed files; all mean "undecodable"
+            unreadable.append(f"{image_name(value)} ({type(error).__name__})")
             continue
         if row.get("width") and row.get("height"):
             checked += 1
-            try:
-                with Image.open(path) as image:  # reads the header only
-                    size = image.size
-            except Exception:  # noqa: BLE001 - undecodable files are the collator's to report, by name
-                continue
             if size != (row["width"], row["height"]):
                 stated = f"{row['width']}x{row['height']}"
                 wrong_size.append(f"{path}: {stated} in the data, {size[0]}x{size[1]} in the file")
     if missing:
         raise FileNotFoundError(
             f"{name}: {len(missing)} of {len(rows)} image files do not exist, e.g. {', '.join(missing[:3])}. Check the "
-            "image folder (image_dir / --image_dir) or the paths in the annotations."
+            "image folder (--train_image_dir / --eval_image_dir, image_dir in Python) or the paths in the annotations."
         )
+    if unreadable and not skip_undecodable:
+        raise ValueError(
+            f"{name}: {len(unreadable)} of {len(rows)} images cannot be read as images, e.g. "
+            f"{', '.join(unreadable[:3])}. Fix or remove them, or pass --skip_bad_labeled_images "
+            "(skip_bad_labeled_images=True) to skip them."
+        )
+    if unreadable:
+        logger.warning("%s: %d of %d images cannot be read as images and will be skipped, e.g. %s.", name,
+                       len(unreadable), len(rows), ", ".join(unreadable[:3]))
     if wrong_size:
         logger.warning(
             "%s: %d of %d images have another size in their annotation file than on disk, e.g. %s. Boxes are read in "
@@ -461,13 +527,22 @@ def check_labeled_dataset(
 
 def check_unlabeled_dataset(dataset: datasets.Dataset | datasets.IterableDataset, args=None) -> None:
     """Refuse an unlabeled dataset that would leave a "semi-supervised" run labeled-only: one without rows (a stream
-    is asked for its first row) or without an image column. With `args` (`DistillationArguments`), also one that
-    `unlabeled_ratio=0` would never read."""
-    image_column(dataset)
+    is asked for its first row) or without an image column. With `args` (`DistillationArguments`), also one that a
+    supervised run (`distill_loss="none"`) or `unlabeled_ratio=0` would never use."""
+    column = image_column(dataset)
     streaming = not isinstance(dataset, datasets.Dataset)
-    if (next(iter(dataset.take(1)), None) is None) if streaming else len(dataset) == 0:
+    if streaming:  # its first row, undecoded: a bad first image is the collator's to skip and count
+        empty = next(iter(dataset.cast_column(column, ImageFeature(decode=False)).take(1)), None) is None
+    else:
+        empty = len(dataset) == 0
+    if empty:
         raise ValueError("unlabeled_dataset is empty: it yields no image. Check the unlabeled source, or train "
                          "without one.")
+    if args is not None and args.distill_loss == "none":
+        raise ValueError(
+            "An unlabeled_dataset was given but distill_loss='none' trains supervised only: its images would take "
+            "half of every batch and teach nothing. Distil from a teacher, or train without it."
+        )
     if args is not None and args.unlabeled_ratio == 0:
         raise ValueError("An unlabeled_dataset was given but unlabeled_ratio=0 would never read it; set "
                          "unlabeled_ratio (0.5 alternates labeled and unlabeled images, as the paper).")

@@ -144,14 +144,15 @@ class PredictionReport:
     output_dir: Path
     threshold: float
     detections: dict[str, list[dict]] = field(default_factory=dict)
-    skipped: int = 0
+    skipped: list[str] = field(default_factory=list)
     best_score: float = 0.0
 
     def summary(self) -> str:
         count = sum(map(len, self.detections.values()))
         lines = [f"{count} detections in {len(self.detections)} images -> {self.output_dir}"]
         if self.skipped:
-            lines.append(f"{self.skipped} file(s) could not be decoded and were skipped.")
+            examples = ", ".join(self.skipped[:5]) + (", ..." if len(self.skipped) > 5 else "")
+            lines.append(f"{len(self.skipped)} file(s) could not be decoded and were skipped: {examples}.")
         if self.detections and not count:
             lines.append(f"No detection scored above --threshold {self.threshold} (the best score was "
                          f"{self.best_score:.3f}); lower --threshold to see weaker detections.")
@@ -169,7 +170,8 @@ def predict_images(
     processor: SADImageProcessor | None = None,
 ) -> PredictionReport:
     """Detect objects in image files; write `output_dir/detections.json` ({path: [{label, score, box}]}) and one
-    drawing per image (see `find_images` for their names). Undecodable files are skipped and counted.
+    drawing per image (see `find_images` for their names). Undecodable files are skipped, counted and named in the
+    summary (not in the JSON); none decodable is a ValueError.
 
     Args:
         model: a saved detector (path or Hub id) or a loaded one.
@@ -195,7 +197,7 @@ def predict_images(
             try:
                 decoded.append((file, drawing, decode_image({"path": str(file), "bytes": None})))
             except Exception:  # noqa: BLE001 - PIL raises many types for malformed files; all mean "undecodable"
-                report.skipped += 1
+                report.skipped.append(str(file))
         if not decoded:
             continue
         # Threshold 0, then filtered: the same detections (a box above the threshold is only ever suppressed by a
@@ -210,6 +212,10 @@ def predict_images(
             target = output_dir / drawing
             target.parent.mkdir(parents=True, exist_ok=True)
             draw_detections(image, detections, id2label).save(target)
+    if not report.detections:
+        raise ValueError(
+            f"None of the {len(files)} file(s) could be decoded as an image: {', '.join(report.skipped[:5])}."
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(output_dir / "detections.json", report.detections)
     return report

@@ -42,7 +42,7 @@ from .data import (
     category_mapping,
     check_labeled_dataset,
     check_unlabeled_dataset,
-    dataset_label_names,
+    with_model_categories,
 )
 from .distillation import check_teacher_compatible, load_detector, sad_loss, zero_loss
 from .evaluation import DetectionMetrics, pack_detections, pack_targets
@@ -115,15 +115,10 @@ class SADTrainer(Trainer):
         if processing_class is None:
             processing_class = AutoImageProcessor.from_pretrained(model.name_or_path)
 
-        category_map = None
         if train_dataset is not None:
-            category_map = category_mapping(train_dataset, model.config.id2label)
-            if eval_dataset is not None and dataset_label_names(eval_dataset) != dataset_label_names(train_dataset):
-                raise ValueError(
-                    f"eval_dataset classes {dataset_label_names(eval_dataset)} differ from train_dataset classes "
-                    f"{dataset_label_names(train_dataset)}."
-                )
-            check_labeled_dataset(train_dataset, "train_dataset", category_map, model.config.id2label)
+            category_map = category_mapping(train_dataset, model.config.id2label, "train_dataset")
+            check_labeled_dataset(train_dataset, "train_dataset", category_map, model.config.id2label,
+                                  skip_undecodable=args.skip_bad_labeled_images)
             if unlabeled_dataset is not None:
                 check_unlabeled_dataset(unlabeled_dataset, args)
             if args.max_steps <= 0 and args.recipe == "paper" and teacher is not None:
@@ -139,16 +134,17 @@ class SADTrainer(Trainer):
                 num_shards=max(8, args.world_size * max(1, args.dataloader_num_workers)),
                 id2label=model.config.id2label,
             )
-        elif eval_dataset is not None:
-            category_map = category_mapping(eval_dataset, model.config.id2label)
         if eval_dataset is not None:
-            check_labeled_dataset(eval_dataset, "eval_dataset", category_map, model.config.id2label)
+            eval_map = category_mapping(eval_dataset, model.config.id2label, "eval_dataset")
+            check_labeled_dataset(eval_dataset, "eval_dataset", eval_map, model.config.id2label,
+                                  skip_undecodable=args.skip_bad_labeled_images)
+        # Categories become the model's ids where data enters: in the training stream, and for evaluation sets in
+        # get_eval_dataloader (an evaluation set may order or subset its classes differently).
         collator = SADDataCollator(
             processing_class,
             hflip_prob=args.hflip_prob,
             scale_range=tuple(args.scale_jitter),
             seed=args.seed,
-            category_map=category_map,
             id2label=model.config.id2label,
             skip_bad_labeled_images=args.skip_bad_labeled_images,
         )
@@ -157,6 +153,8 @@ class SADTrainer(Trainer):
         self.teacher_source = None
         if teacher is not None:
             self.teacher_source = teacher_model if isinstance(teacher_model, str) else teacher.name_or_path
+            if self.teacher_source and Path(self.teacher_source).exists():  # one spelling of a local folder
+                self.teacher_source = str(Path(self.teacher_source).resolve())
         self.labeled_batchnorm = LabeledBatchNormCallback()
         # Order matters where two callbacks touch the same step: the labeled-only BatchNorm update comes before a
         # skipped step restores the statistics, and the run settings are written before a checkpoint is complete.
@@ -289,13 +287,14 @@ class SADTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         """Evaluation images reach the collator undecoded (a metadata-only cast), so that an undecodable one is an
-        error naming it (or skipped with `skip_bad_labeled_images`) rather than an anonymous error inside datasets."""
+        error naming it (or skipped with `skip_bad_labeled_images`) rather than an anonymous error inside datasets;
+        their categories become the model's label ids by class name."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)) and dataset.features:
             for name, feature in dataset.features.items():
                 if isinstance(feature, datasets.Image) and feature.decode:
                     dataset = dataset.cast_column(name, datasets.Image(decode=False))
-            eval_dataset = dataset
+            eval_dataset = with_model_categories(dataset, self.model.config.id2label)
         return super().get_eval_dataloader(eval_dataset)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -458,7 +457,7 @@ class SADTrainer(Trainer):
         """The settings that define this run, as shown in the model card."""
         args: SADTrainingArguments = self.args
         settings = {
-            "distill_loss": args.distill_loss,
+            "distill_loss": args.distill_loss if args.distill_loss != "none" else None,
             "steps": args.max_steps,
             "learning_rate": args.learning_rate,
             "batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,

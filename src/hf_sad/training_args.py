@@ -12,13 +12,13 @@ are collected in reverse method resolution order, so they come first in `--help`
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
+from transformers.integrations.integration_utils import get_available_reporting_integrations
 
 __all__ = ["DISTILL_LOSSES", "DetectionTrainingArguments", "DistillationArguments", "SADTrainingArguments"]
 
@@ -275,12 +275,12 @@ class DetectionTrainingArguments(TrainingArguments, DetectionArguments):
             self.optim, self.optim_args, self.weight_decay = "sgd", "momentum=0.9", 1e-4
         super().__post_init__()
         self.validate_detection()
-        if "tensorboard" in self.report_to and not (
-            importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
-        ):
+        missing = [name for name in self.report_to if name not in get_available_reporting_integrations()]
+        if missing:
+            install = {"tensorboard": "pip install 'hf-sad[tensorboard]'"}.get(missing[0], f"pip install {missing[0]}")
             raise ValueError(
-                "report_to includes 'tensorboard', but the tensorboard package is not installed: "
-                "pip install 'hf-sad[tensorboard]' (or pip install tensorboard), or choose another --report_to."
+                f"report_to includes {missing}, but the package is not installed here: {install}, or choose another "
+                "--report_to (none, or one that is installed)."
             )
         if self.hub_strategy != "end":
             raise ValueError(

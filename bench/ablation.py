@@ -1,7 +1,10 @@
 """Test the SAD paper's claims in miniature: train an ablation grid, record every run, write the report.
 
     python bench/ablation.py [--regime pretrained-miniature] [--datasets synthetic,bccd] [--seeds 3]
-                             [--rows teacher,baseline,...] [--quick] [--work_dir runs/ablation]
+                             [--only_seeds 0,2] [--rows teacher,baseline,...] [--quick] [--work_dir runs/ablation]
+
+On a machine with several cores, run one process per group of seeds (`--only_seeds`, `OMP_NUM_THREADS` set so that
+they do not share cores): they share the pretraining checkpoints and docs/results.json.
 
 Regimes (`REGIMES`):
 - `first-miniature`: the first grid: the demo's 6-class scenes and BCCD, everything from scratch, a few hundred steps.
@@ -37,6 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from hf_sad import create_detector
 from hf_sad.data import load_coco_detection
@@ -200,12 +204,20 @@ PRETRAIN_SIZE = 128  # the pretraining scenes' side; the networks are convolutio
 def pretrain(setting: Setting, architecture: str, work: Path) -> tuple[Path, dict | None]:
     """The pretrained start of an architecture: a detector trained `pretrain_steps` on `pretrain_images` generated
     scenes of another distribution (6 shape classes in random colours, 128 px), saved once in `work` and reused by
-    every dataset and seed. Returns its folder and, when it was trained now, its record."""
+    every dataset and seed. Returns its folder and its record (kept beside the checkpoint, in pretraining.json)."""
     backbone = setting.teacher_backbone if architecture == "teacher" else setting.student_backbone
     width = setting.teacher_width if architecture == "teacher" else setting.student_width
     folder = work / f"pretrain-{backbone}-{width}-{setting.pretrain_steps}"
-    if (folder / "model.safetensors").is_file():
-        return folder, None
+    work.mkdir(parents=True, exist_ok=True)
+    with FileLock(work / f"{folder.name}.lock"):  # another grid process may be training it now
+        if not (folder / "model.safetensors").is_file():
+            record = _pretrain(setting, backbone, width, architecture, folder)
+            (folder / "pretraining.json").write_text(json.dumps(record) + "\n")
+    record_file = folder / "pretraining.json"
+    return folder, json.loads(record_file.read_text()) if record_file.is_file() else None
+
+
+def _pretrain(setting: Setting, backbone: str, width: int, architecture: str, folder: Path) -> dict:
     train = make_labeled_dataset(setting.pretrain_images, seed=777, image_size=PRETRAIN_SIZE)
     val = make_labeled_dataset(64, seed=778, image_size=PRETRAIN_SIZE)
     size = {"height": PRETRAIN_SIZE, "width": PRETRAIN_SIZE}
@@ -214,9 +226,8 @@ def pretrain(setting: Setting, architecture: str, work: Path) -> tuple[Path, dic
     args = training_arguments(config, folder, setting.pretrain_steps, distill_loss="none", disable_tqdm=True)
     trainer, metrics, seconds = train_and_evaluate(f"pretrain/{backbone}-{width}", model, processor, args, train, val)
     trainer.save_model(str(folder))
-    record = {"map": metrics["map"], "map_50": metrics["map_50"], "steps": setting.pretrain_steps,
-              "seconds": round(seconds, 1)}
-    return folder, record
+    return {"map": metrics["map"], "map_50": metrics["map_50"], "steps": setting.pretrain_steps,
+            "seconds": round(seconds, 1)}
 
 
 def run_row(row: Row, dataset: str, seed: int, setting: Setting, work: Path, init: Path | None) -> dict:
@@ -250,10 +261,19 @@ def load_records(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def save_records(path: Path, records: list[dict]) -> None:
-    order = {key: i for i, key in enumerate(ROWS)}
-    records = sorted(records, key=lambda r: (r["regime"], r["dataset"], r["seed"], order.get(r["row"], 99)))
-    path.write_text(json.dumps(records, indent=1) + "\n")
+def add_record(path: Path, new: dict) -> list[dict]:
+    """Add (or replace) one run's record in the results file and return all records. The file is read again under a
+    lock, so several grid processes (`--only_seeds`) can share it."""
+    identity = ("regime", "dataset", "seed", "row")
+    with FileLock(path.with_name(f".{path.name}.lock")):
+        records = [r for r in load_records(path) if [r[k] for k in identity] != [new[k] for k in identity]]
+        records.append(new)
+        order = {key: i for i, key in enumerate(ROWS)}
+        records.sort(key=lambda r: (r["regime"], r["dataset"], r["seed"], order.get(r["row"], 99)))
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(records, indent=1) + "\n")
+        temporary.replace(path)
+    return records
 
 
 def by_key(records: list[dict], regime: str) -> dict[tuple[str, int, str], dict]:
@@ -424,6 +444,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--datasets", default=None, help="comma-separated (default: the regime's)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the regime's; 0 only rewrites the report)")
+    parser.add_argument("--only_seeds", default=None,
+                        help="comma-separated seeds this process runs, e.g. 0,2 here and 1 in a second process "
+                        "sharing the results file (default: all)")
     parser.add_argument("--rows", default=None, help=f"comma-separated row keys (default: the regime's); {list(ROWS)}")
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "ablation"))
     parser.add_argument("--docs_dir", default=None, help="where results.json/.md and ablation.png go (default: docs/,"
@@ -446,26 +469,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = load_records(results_file)
     runs = by_key(records, regime.name)
     todo = plan(regime, datasets, seeds, rows)
+    if args.only_seeds is not None:
+        todo = [run for run in todo if run[1] in {int(seed) for seed in args.only_seeds.split(",")}]
     print(f"{regime.name}: {len(todo)} runs planned, {sum(key in runs for key in todo)} already recorded "
           f"({results_file})", flush=True)
     start = time.perf_counter()
 
     def record(dataset: str, seed: int, key: str, result: dict) -> None:
-        records[:] = [r for r in records if (r["regime"], r["dataset"], r["seed"], r["row"]) !=
-                      (regime.name, dataset, seed, key)]
-        records.append({"regime": regime.name, "dataset": dataset, "row": key, "seed": seed, **result})
-        runs[(dataset, seed, key)] = records[-1]
-        save_records(results_file, records)
+        records[:] = add_record(results_file, {"regime": regime.name, "dataset": dataset, "row": key, "seed": seed,
+                                               **result})
+        runs.update(by_key(records, regime.name))
 
     def run_and_record(key: str, dataset: str, seed: int) -> None:
         setting, init = settings[dataset], None
         if setting.pretrain_steps:
             init, pretrained = pretrain(setting, ROWS[key].model, work_dir)
-            if pretrained is not None:  # the stage itself, trained once, as a record of its own
-                record("pretraining", 0, f"pretrain_{ROWS[key].model}", pretrained)
+            stage = ("pretraining", 0, f"pretrain_{ROWS[key].model}")
+            if pretrained is not None and stage not in runs:  # the stage itself, trained once, as a record of its own
+                record(*stage, pretrained)
         record(dataset, seed, key, run_row(ROWS[key], dataset, seed, setting, work_dir / f"{dataset}-{seed}", init))
 
     for i, (dataset, seed, key) in enumerate(todo, 1):
+        records[:] = load_records(results_file)  # other grid processes may have recorded runs meanwhile
+        runs.update(by_key(records, regime.name))
         if (dataset, seed, key) in runs:
             continue
         problem = check_gate(regime, runs, dataset, seed)

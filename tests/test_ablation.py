@@ -100,11 +100,7 @@ def test_records_are_written_after_each_run_and_missing_teachers_trained_again(a
         return {"map": 0.02, "map_50": 0.04, "steps": 2, "seconds": 1.0}
 
     def fake_pretrain(setting, architecture, work):
-        folder = work / f"pretrain-{architecture}"
-        if folder.exists():
-            return folder, None
-        folder.mkdir(parents=True)
-        return folder, {"map": 0.5, "map_50": 0.7, "steps": 2, "seconds": 3.0}
+        return work / f"pretrain-{architecture}", {"map": 0.5, "map_50": 0.7, "steps": 2, "seconds": 3.0}
 
     monkeypatch.setattr(ablation, "run_row", fake_run_row)
     monkeypatch.setattr(ablation, "pretrain", fake_pretrain)
@@ -127,3 +123,50 @@ def test_rows_and_regimes_are_consistent(ablation):
     names = {"teacher", "baseline", "baseline_long", "kl", "fdl", "adl", "adl_released", "adl_same", "kl_background",
              "hard", "sad", "sad_released", "sad_shifted"}
     assert names <= set(ablation.REGIMES[REGIME].rows)  # the row names docs/results.json promises
+
+
+def test_processes_sharing_the_results_file_keep_each_others_records(ablation, tmp_path):
+    """Two grid processes (--only_seeds) each add records to one file: neither overwrites the other's."""
+    path = tmp_path / "results.json"
+    first, second = records({"baseline": [0.1, 0.2]})
+    ablation.add_record(path, first)
+    ablation.add_record(path, second)  # as if from another process that loaded the file before `first` existed
+    ablation.add_record(path, {**first, "map": 0.15})  # a rerun replaces its own record only
+    assert sorted((r["seed"], r["map"]) for r in json.loads(path.read_text())) == [(0, 0.15), (1, 0.2)]
+
+
+def test_only_seeds_runs_those_seeds_and_skips_what_another_process_recorded(ablation, tmp_path, monkeypatch,
+                                                                            quiet):
+    calls = []
+
+    def fake_run_row(row, dataset, seed, setting, work, init):
+        calls.append((row.key, seed))
+        if seed == 1 and row.key == "teacher":  # meanwhile, another process records seed 1's baseline
+            ablation.add_record(tmp_path / "docs" / "results.json", records({"baseline": [0.3, 0.3]})[1])
+        if row.key in ablation.TEACHER_ROWS:
+            (work / row.key).mkdir(parents=True)
+            (work / row.key / "model.safetensors").write_bytes(b"")
+        return {"map": 0.02, "map_50": 0.04, "steps": 2, "seconds": 1.0}
+
+    monkeypatch.setattr(ablation, "run_row", fake_run_row)
+    monkeypatch.setattr(ablation, "pretrain", lambda setting, architecture, work: (work, None))
+    ablation.main(["--quick", "--datasets", "synthetic", "--seeds", "3", "--only_seeds", "1",
+                   "--rows", "teacher,baseline,adl", "--work_dir", str(tmp_path / "work"),
+                   "--docs_dir", str(tmp_path / "docs")])
+    assert calls == [("teacher", 1), ("adl", 1)]
+
+
+def test_the_pretraining_record_is_kept_beside_its_checkpoint(ablation, tmp_path, monkeypatch):
+    trained = []
+
+    def fake_pretrain(setting, backbone, width, architecture, folder):
+        trained.append(architecture)
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"")
+        return {"map": 0.5, "map_50": 0.7, "steps": 2, "seconds": 3.0}
+
+    monkeypatch.setattr(ablation, "_pretrain", fake_pretrain)
+    setting = ablation.REGIMES[REGIME].datasets["synthetic"]
+    first = ablation.pretrain(setting, "student", tmp_path)
+    again = ablation.pretrain(setting, "student", tmp_path)  # a later run (or process) reuses it, record included
+    assert trained == ["student"] and first == again and again[1]["map"] == 0.5

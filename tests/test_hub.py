@@ -28,7 +28,14 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import save_file
 
-from hf_sad.hub import card_template, create_model_card, files_to_upload, is_hub_id, push_to_hub
+from hf_sad.hub import (
+    card_template,
+    create_model_card,
+    files_to_upload,
+    is_hub_id,
+    push_to_hub,
+    write_exports_into_card,
+)
 
 from .hub_server import HubServer
 from .utils import IMAGE_SIZE, REPO, TINY_FLAGS, TWO_LABELS, save_detector, tiny_detector
@@ -256,12 +263,42 @@ def test_push_filters_checkpoints_and_refuses_files_holding_the_token(tmp_path, 
     assert url.endswith("/user/x/commit/" + "1" * 40)
     (_, init), (_, create), (_, upload) = _RecordingApi.calls
     assert create == {"repo_id": "user/x", "private": True, "exist_ok": True}
-    assert "training_args.bin" in upload["ignore_patterns"] and "checkpoint-*" in upload["ignore_patterns"]
+    assert upload["allow_patterns"] == files_to_upload(folder)  # exactly the files listed above
 
     _fake_student(folder, hub_token=token)  # now config.json, which is uploaded, holds the token
     with pytest.raises(ValueError, match="config.json") as error:
         push_to_hub(folder, "user/x", token=token)
     assert token not in str(error.value)
+
+
+def test_exports_go_with_the_push_and_are_named_in_the_card(tmp_path):
+    folder = _fake_student(tmp_path / "student")
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"max_detections": 100, "pre_nms_top_k": 1000, "nms_iou_threshold": 0.5}))
+    (folder / "README.md").write_text("# student\n\n## How to use\n\ncode\n\n## Citation\n\npaper\n")
+    for name in ("model.onnx", "model_int8.onnx", "openvino_model.xml", "openvino_model.bin", "other.bin"):
+        (folder / name).write_bytes(b"x")
+    uploaded = files_to_upload(folder)
+    assert {"model.onnx", "model_int8.onnx", "openvino_model.xml", "openvino_model.bin"} <= set(uploaded)
+    assert "other.bin" not in uploaded  # any other .bin may be a pickle
+
+    assert write_exports_into_card(folder)
+    card = (folder / "README.md").read_text()
+    assert card.count("## Fast inference") == 1 and card.index("## Fast inference") < card.index("## Citation")
+    for name in ("`model.onnx`", "`model_int8.onnx`", "`openvino_model.xml`", "--backend onnxruntime",
+                 "ExportedDetector.from_pretrained(\"your-username/student\""):
+        assert name in card
+    write_exports_into_card(folder)  # a second export replaces the section
+    assert (folder / "README.md").read_text() == card
+    (folder / "openvino_model.xml").unlink()
+    (folder / "openvino_model.bin").unlink()
+    assert "openvino_model.bin" not in files_to_upload(folder)
+    write_exports_into_card(folder)
+    assert "openvino_model.xml" not in (folder / "README.md").read_text()
+    for name in ("model.onnx", "model_int8.onnx"):
+        (folder / name).unlink()
+    assert not write_exports_into_card(folder)
+    assert (folder / "README.md").read_text() == "# student\n\n## How to use\n\ncode\n\n## Citation\n\npaper\n"
 
 
 # ------------------------------------------------------------------------------------------------------ end to end

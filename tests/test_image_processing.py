@@ -60,7 +60,7 @@ def test_default_size_matches_detr_rule():
     out = processor(Image.fromarray(_rgb(100, 200)), annotations=_coco(0))
     # 512 on the short side would give 1024 > 853 on the long side, so the long side is 853.
     assert out["labels"][0]["size"].tolist() == [426, 853]
-    assert out["pixel_values"].shape == (1, 3, 512, 896)
+    assert out["pixel_values"].shape == (1, 3, 448, 864)  # padded to multiples of 32
 
 
 # ---------------------------------------------------------------------------------------------------------- padding
@@ -83,7 +83,7 @@ def test_padding_to_multiple_and_batch_max():
 
 def test_padding_default_divisor_and_no_divisor():
     image = _rgb(30, 50)
-    assert SADImageProcessor(do_resize=False)(image)["pixel_values"].shape == (1, 3, 128, 128)
+    assert SADImageProcessor(do_resize=False)(image)["pixel_values"].shape == (1, 3, 32, 64)
     out = SADImageProcessor(do_resize=False, pad_size_divisor=None)([image, _rgb(70, 20)])
     assert out["pixel_values"].shape == (2, 3, 70, 50)
 
@@ -381,6 +381,6 @@ def test_pipeline_batches_when_the_processor_has_a_fixed_size(tmp_path):
     images = [Image.new("RGB", size) for size in ((128, 128), (200, 128), (128, 180))]
     results = detector(images, threshold=0.0)
     assert len(results) == 3 and all(results)
-    processor.pad_size = None  # the processor alone pads a batch of any sizes to its largest image (x 128)
+    processor.pad_size = None  # the processor alone pads a batch of any sizes to its largest image (x 32)
     mixed = processor(images=images, return_tensors="pt")
-    assert mixed["pixel_values"].shape == (3, 3, 256, 256) and mixed["pixel_mask"][1, :128, :200].all()
+    assert mixed["pixel_values"].shape == (3, 3, 192, 224) and mixed["pixel_mask"][1, :128, :200].all()

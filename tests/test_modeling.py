@@ -254,6 +254,22 @@ def test_pipeline_loads_without_prompt_or_error_log(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("backbone", "kwargs", "stride"),
+    [("resnet18", {}, 32), ("vit_tiny_patch16_224", {"backbone_kwargs": {"dynamic_img_size": True}}, 16)],
+)
+def test_the_processor_pads_to_what_the_network_needs(backbone, kwargs, stride):
+    """Padding is to the backbone's coarsest stride, not to P7's 128: a 416x416 image for a 192-px model is a
+    192x192 input (256x256 with the old multiple of 128: 1.78x the pixels)."""
+    model, processor = tiny_detector(backbone=backbone, id2label=LABELS, image_size=192, **kwargs)
+    assert processor.pad_size_divisor == stride
+    inputs = processor(images=[Image.new("RGB", (416, 416)), Image.new("RGB", (300, 200))], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (2, 3, 192, 288)
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape[1] == len(out.anchors) and torch.isfinite(out.pred_boxes).all()
+
+
+@pytest.mark.parametrize(
     "backbone,kwargs",
     [
         ("resnet18", {}),

@@ -206,6 +206,38 @@ def pad_boxes(boxes: list[torch.Tensor], classes: list[torch.Tensor]) -> tuple[t
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def top_candidates(
+    scores: torch.Tensor, boxes: torch.Tensor, k: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The `k` highest (anchor, class) scores of each image, the candidates of NMS.
+
+    Args:
+        scores: `(batch_size, num_anchors, num_classes)` probabilities.
+        boxes: `(batch_size, num_anchors, 4)` x1,y1,x2,y2 boxes of the anchors, in any units.
+        k: candidates per image (fewer when there are fewer (anchor, class) pairs); `None` for all of them.
+
+    Returns:
+        `scores` `(batch_size, k)` in decreasing order, `labels` int64 `(batch_size, k)` (class index) and `boxes`
+        `(batch_size, k, 4)` (units of `boxes`).
+    """
+    num_anchors, num_classes = scores.shape[1:]
+    if k is None:
+        k = num_anchors * num_classes
+    else:
+        # The k best (anchor, class) scores lie on the k anchors with the best top-class scores, so a top-k over
+        # anchors shrinks the top-k below from N * C to k * C scores (at 512 px with 80 classes, 3.9M to 80k).
+        # No branch on num_anchors: with fewer anchors than k this selects them all, and a traced graph stays one.
+        num_best = min(k, num_anchors)
+        _, best_anchors = scores.amax(dim=2).topk(num_best, dim=1)
+        scores = scores.gather(1, best_anchors.unsqueeze(-1).expand(-1, -1, num_classes))
+        boxes = boxes.gather(1, best_anchors.unsqueeze(-1).expand(-1, -1, 4))
+        k = min(k, num_best * num_classes)
+    top_scores, flat_index = scores.flatten(1).topk(k, dim=1)
+    top_boxes = boxes.gather(1, (flat_index // num_classes).unsqueeze(-1).expand(-1, -1, 4))
+    return top_scores, flat_index % num_classes, top_boxes
+
+
 def select_detections(
     scores: torch.Tensor,
     boxes: torch.Tensor,
@@ -248,23 +280,9 @@ def select_detections(
             "`scores` must be (batch_size, num_anchors, num_classes) and `boxes` (batch_size, num_anchors, 4); got "
             f"{tuple(scores.shape)} and {tuple(boxes.shape)}."
         )
-    batch_size, num_anchors, num_classes = scores.shape
-    if pre_nms_top_k is not None and pre_nms_top_k < num_anchors:
-        # The k best (anchor, class) scores lie on the k anchors with the best top-class scores, so a top-k over
-        # anchors shrinks the top-k below from N * C to k * C scores (at 512 px with 80 classes, 3.9M to 80k).
-        _, best_anchors = scores.amax(dim=2).topk(pre_nms_top_k, dim=1)
-        scores = scores.gather(1, best_anchors.unsqueeze(-1).expand(-1, -1, num_classes))
-        boxes = boxes.gather(1, best_anchors.unsqueeze(-1).expand(-1, -1, 4))
-        num_anchors = pre_nms_top_k
-    num_candidates = num_anchors * num_classes
-    if pre_nms_top_k is not None:
-        num_candidates = min(pre_nms_top_k, num_candidates)
-
-    top_scores, flat_index = scores.flatten(1).topk(num_candidates, dim=1)
-    anchor_index = flat_index // num_classes
-    top_labels = flat_index % num_classes
-    top_boxes = boxes.gather(1, anchor_index.unsqueeze(-1).expand(-1, -1, 4))
-    top_images = torch.arange(batch_size, device=scores.device).unsqueeze(1).expand_as(flat_index)
+    batch_size, _, num_classes = scores.shape
+    top_scores, top_labels, top_boxes = top_candidates(scores, boxes, pre_nms_top_k)
+    top_images = torch.arange(batch_size, device=scores.device).unsqueeze(1).expand_as(top_labels)
 
     above = top_scores > score_threshold
     cand_scores, cand_labels, cand_boxes, cand_images = (

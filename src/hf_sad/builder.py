@@ -66,6 +66,8 @@ def create_detector(
     }
     processor = SADImageProcessor(
         size=size,
+        # What the network needs: the stride of the backbone's coarsest map (the levels above it round up).
+        pad_size_divisor=2 ** max(model.backbone.levels),
         image_mean=list(pretrained_cfg.get("mean", SADImageProcessor.image_mean)),
         image_std=list(pretrained_cfg.get("std", SADImageProcessor.image_std)),
     )

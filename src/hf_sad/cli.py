@@ -25,8 +25,14 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection, HfArgu
 
 from .builder import create_detector
 from .callbacks import TrainingStopped
-from .data import check_labeled_schema, dataset_label_names, load_labeled_dataset, load_unlabeled_images
-from .hub import is_hub_id, looks_like_local_path
+from .data import (
+    check_labeled_schema,
+    dataset_label_names,
+    first_images,
+    load_labeled_dataset,
+    load_unlabeled_images,
+)
+from .hub import is_hub_id, looks_like_local_path, write_exports_into_card
 from .reporting import format_metrics, write_json
 from .synthetic import make_labeled_dataset, make_unlabeled_stream
 from .trainer import SADTrainer
@@ -342,6 +348,12 @@ class EvaluateArguments:
     skip_bad_labeled_images: bool = field(default=False, metadata={"help": "Skip undecodable images (counted)."})
     batch_size: int = field(default=8, metadata={"help": "Images per forward pass."})
     synthetic_image_size: int = field(default=128, metadata={"help": "Image side of synthetic data."})
+    backend: str = field(default="pytorch", metadata={
+        "help": "pytorch, or onnxruntime / openvino to evaluate the model's export (hf-sad export).",
+        "choices": ["pytorch", "onnxruntime", "openvino"]})
+    exported_file: str | None = field(default=None, metadata={
+        "help": "With an export backend: the file in the model folder (default model.onnx / openvino_model.xml; "
+        "e.g. model_int8.onnx)."})
 
 
 def evaluate_main(argv: list[str] | None = None) -> dict:
@@ -357,9 +369,16 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
                                              per_device_eval_batch_size=args.batch_size, disable_tqdm=False,
                                              skip_bad_labeled_images=args.skip_bad_labeled_images)
         trainer = SADTrainer(model, None, training_args, eval_dataset=data, processing_class=processor)
-        metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
+        if args.backend == "pytorch":
+            metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
+        else:
+            from .runtime import ExportedDetector, evaluate_exported
+
+            exported = ExportedDetector.from_pretrained(args.model, backend=args.backend, file=args.exported_file)
+            metrics = evaluate_exported(exported, trainer.get_eval_dataloader())
     path = write_json(args.output_file, metrics)
-    print(f"\nCOCO AP of {args.model} on {args.data} (percent)\n{format_metrics(metrics, model.config.id2label)}")
+    evaluated = args.model if args.backend == "pytorch" else f"{args.model} ({args.backend})"
+    print(f"\nCOCO AP of {evaluated} on {args.data} (percent)\n{format_metrics(metrics, model.config.id2label)}")
     print(f"\nAll metrics: {path}")
     return metrics
 
@@ -374,6 +393,12 @@ class PredictArguments:
     threshold: float = field(default=0.5, metadata={"help": "Minimum score of a detection."})
     batch_size: int = field(default=8, metadata={"help": "Images per forward pass."})
     device: str | None = field(default=None, metadata={"help": "torch device; default: cuda when available."})
+    backend: str = field(default="pytorch", metadata={
+        "help": "pytorch, or onnxruntime / openvino to run the model's export (hf-sad export).",
+        "choices": ["pytorch", "onnxruntime", "openvino"]})
+    exported_file: str | None = field(default=None, metadata={
+        "help": "With an export backend: the file in the model folder (default model.onnx / openvino_model.xml; "
+        "e.g. model_int8.onnx)."})
 
 
 def predict_main(argv: list[str] | None = None) -> dict:
@@ -383,11 +408,66 @@ def predict_main(argv: list[str] | None = None) -> dict:
 
     args = from_namespace(PredictArguments, parse("hf-sad predict", predict_main.__doc__, (PredictArguments,),
                                                   _argv(argv)))
-    model, processor = load_saved_detector(args.model)
-    report = predict_images(model, args.images, args.output_dir, threshold=args.threshold,
-                            batch_size=args.batch_size, device=args.device, processor=processor)
+    if args.backend == "pytorch":
+        model, processor = load_saved_detector(args.model)
+        report = predict_images(model, args.images, args.output_dir, threshold=args.threshold,
+                                batch_size=args.batch_size, device=args.device, processor=processor)
+    else:
+        report = predict_images(args.model, args.images, args.output_dir, threshold=args.threshold,
+                                batch_size=args.batch_size, backend=args.backend, exported_file=args.exported_file)
     print(report.summary())
     return report.detections
+
+
+@dataclass
+class ExportArguments:
+    """Export a saved detector with its post-processing (box decoding, NMS) to ONNX or OpenVINO."""
+
+    model_dir: str = field(metadata={"help": "The saved model folder."})
+    format: str = field(default="onnx", metadata={"help": "Export format.", "choices": ["onnx", "openvino"]})
+    output: str | None = field(default=None, metadata={
+        "help": "File to write (default: MODEL_DIR/model.onnx, or MODEL_DIR/openvino_model.xml with its .bin)."})
+    int8: bool = field(default=False, metadata={
+        "help": "Also write an int8 model (ONNX Runtime static quantisation) as model_int8.onnx beside the float one; "
+        "needs --calibration_data."})
+    calibration_data: str | None = field(default=None, metadata={
+        "help": "Images to calibrate int8 with: an image folder, parquet shards or a Hub dataset."})
+    num_calibration_images: int = field(default=100, metadata={"help": "How many calibration images to read."})
+
+
+def export_main(argv: list[str] | None = None) -> dict[str, str]:
+    """`hf-sad export MODEL_DIR [--format onnx|openvino] [--int8 --calibration_data IMAGES]`: the model with its
+    post-processing in one graph, where `hf-sad predict --backend onnxruntime|openvino` finds it."""
+    import tempfile
+
+    from .export import EXPORT_FORMATS, export_onnx, export_openvino, quantize_onnx
+
+    argv = _argv(argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model_dir", argv[0], *argv[1:]]
+    args = from_namespace(ExportArguments, parse("hf-sad export", export_main.__doc__, (ExportArguments,), argv))
+    if args.int8 and (args.format != "onnx" or not args.calibration_data):
+        raise ValueError("--int8 quantises the ONNX export (--format onnx) and needs --calibration_data IMAGES.")
+    if not Path(args.model_dir).is_dir():
+        raise FileNotFoundError(f"{args.model_dir}: no such model folder.")
+    model, processor = load_saved_detector(args.model_dir)
+    output = Path(args.output or Path(args.model_dir) / EXPORT_FORMATS[args.format])
+    written = {}
+    if args.format == "onnx":
+        written["onnx"] = str(export_onnx(model, processor, output))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            written["openvino"] = str(export_openvino(export_onnx(model, processor, Path(tmp) / "model.onnx"), output))
+    if args.int8:
+        images = first_images(args.calibration_data, args.num_calibration_images)
+        written["onnx_int8"] = str(quantize_onnx(output, output.with_name(f"{output.stem}_int8.onnx"), processor,
+                                                 images))
+    backend = "onnxruntime" if args.format == "onnx" else "openvino"
+    if write_exports_into_card(args.model_dir):
+        written["card"] = str(Path(args.model_dir) / "README.md")
+    print("\n".join(f"Wrote {path}" for path in written.values()))
+    print(f"Run it: hf-sad predict --model {args.model_dir} --backend {backend} --images IMAGES")
+    return written
 
 
 @dataclass
@@ -419,6 +499,7 @@ COMMANDS = {
     "distill": (distill_main, "distil a frozen teacher into a student (SAD)"),
     "evaluate": (evaluate_main, "COCO mAP of a saved model on a dataset"),
     "predict": (predict_main, "detections for images: JSON and drawn pictures"),
+    "export": (export_main, "export a saved model to ONNX / OpenVINO, with its post-processing"),
     "push": (push_main, "upload a saved model to the Hugging Face Hub"),
 }
 

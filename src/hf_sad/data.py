@@ -355,6 +355,26 @@ def check_parquet_shards(files: Sequence[str]) -> None:
             raise ValueError(f"The parquet shard {file} cannot be read ({type(error).__name__}: {error}).") from error
 
 
+def first_images(source: str | Path, count: int) -> list[Image.Image]:
+    """The first `count` decodable images (RGB) of an unlabeled source (see `load_unlabeled_images`), e.g. to
+    calibrate int8 quantisation; undecodable ones are skipped and counted in a warning."""
+    stream = load_unlabeled_images(source)
+    column = image_column(stream)
+    images, skipped = [], []
+    for row in stream.cast_column(column, ImageFeature(decode=False)):
+        try:
+            images.append(decode_image(row[column]))
+        except Exception:  # noqa: BLE001 - PIL raises many types for malformed files; all mean "undecodable"
+            skipped.append(image_name(row[column]))
+        if len(images) == count:
+            break
+    if skipped:
+        logger.warning("%s: skipped %d undecodable image(s), e.g. %s.", source, len(skipped), ", ".join(skipped[:3]))
+    if not images:
+        raise ValueError(f"{source}: no decodable image.")
+    return images
+
+
 def parquet_files(source: str | Path) -> list[str]:
     """The parquet files a path or glob (`shards/*.parquet`) names, each checked readable (`check_parquet_shards`)."""
     text = str(Path(source).expanduser())

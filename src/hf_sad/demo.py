@@ -112,13 +112,8 @@ def run_demo(output_dir: str | Path = "sad-demo", quick: bool = False, config: D
 
     def detector(backbone: str, width: int):
         torch.manual_seed(config.seed)
-        model, processor = create_detector(backbone, id2label, image_size=size, fpn_channels=width,
-                                           head_channels=width, head_num_convs=config.head_num_convs,
-                                           anchor_scale=config.anchor_scale)
-        # The pyramid handles any multiple of 32 (its stride-2 convolutions round up); padding to the processor's
-        # default multiple of 128 would add pixels to any size that is not one (e.g. 160 px is padded to 256).
-        processor.pad_size_divisor = 32
-        return model, processor
+        return create_detector(backbone, id2label, image_size=size, fpn_channels=width, head_channels=width,
+                               head_num_convs=config.head_num_convs, anchor_scale=config.anchor_scale)
 
     def student():
         return detector(config.student_backbone, config.student_width)

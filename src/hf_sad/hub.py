@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import json
 import logging
@@ -18,6 +19,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import jinja2
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
@@ -55,6 +57,15 @@ PUSH_IGNORE_PATTERNS = [
     "*.lock",
 ]
 DEFAULT_COMMIT_MESSAGE = "Upload SAD student detector with hf-sad"
+OPENVINO_SUFFIX = "openvino_model.xml"
+EXPORTS_TEMPLATE = "exports.md"
+EXPORTS_MARKERS = ("<!-- hf-sad exports: begin -->", "<!-- hf-sad exports: end -->")
+#: Files `hf-sad export` writes -> how the card describes them.
+EXPORTED_FILES = {
+    "model.onnx": "ONNX (opset 18), float32: ONNX Runtime, or any runtime with ONNX's `NonMaxSuppression`.",
+    "model_int8.onnx": "ONNX with int8 convolutions (static quantisation): faster on CPUs, slightly less accurate.",
+    "openvino_model.xml": "OpenVINO IR, float32, with its weights in `openvino_model.bin`.",
+}
 
 _PLACEHOLDER_REPO_ID = re.compile(r"your-username/[A-Za-z0-9][A-Za-z0-9._-]*")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -67,9 +78,10 @@ _MAX_SCANNED_BYTES = 64 * 1024 * 1024  # token scan before upload: larger files 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def card_template() -> str:
-    """The Jinja source of the student model card, read from the installed package (works from a wheel or zip)."""
-    return resources.files("hf_sad.model_cards").joinpath(CARD_TEMPLATE).read_text(encoding="utf-8")
+def card_template(name: str = CARD_TEMPLATE) -> str:
+    """The Jinja source of a model-card template (default: the student card), read from the installed package
+    (works from a wheel or zip)."""
+    return resources.files("hf_sad.model_cards").joinpath(name).read_text(encoding="utf-8")
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -294,6 +306,38 @@ def create_model_card(
     )
 
 
+def write_exports_into_card(model_dir: str | os.PathLike) -> bool:
+    """Name the exported files of a model folder (`hf-sad export`) in its card (README.md), with how to run them:
+    a section after the usage, replaced by later exports. Returns whether the card names any export."""
+    folder = Path(model_dir)
+    card = folder / "README.md"
+    if not card.is_file():
+        return False
+    files = [(name, description) for name, description in EXPORTED_FILES.items() if (folder / name).is_file()]
+    text = card.read_text(encoding="utf-8")
+    begin, end = EXPORTS_MARKERS
+    if begin in text and end in text:
+        before, after = text[: text.index(begin)].rstrip("\n"), text[text.index(end) + len(end) :].lstrip("\n")
+        text = f"{before}\n\n{after}" if after else f"{before}\n"
+    if files:
+        settings = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
+        title = re.search(r"^# (.+)$", text, flags=re.MULTILINE)
+        model_name = title.group(1).strip() if title else folder.name
+        repo_id = _PLACEHOLDER_REPO_ID.search(text)  # the card's own; push_to_hub puts the real one in its place
+        section = jinja2.Template(card_template(EXPORTS_TEMPLATE)).render(
+            files=files,
+            model_name=model_name,
+            repo_id=repo_id.group(0) if repo_id else placeholder_repo_id(model_name),
+            backend="onnxruntime" if (folder / "model.onnx").is_file() else "openvino",
+            **{key: settings.get(key) for key in ("max_detections", "pre_nms_top_k", "nms_iou_threshold")},
+        )
+        block = f"{begin}\n{section.strip()}\n{end}\n"
+        at = text.find("\n## Citation")
+        text = text[: at + 1] + block + "\n" + text[at + 1 :] if at >= 0 else text.rstrip("\n") + "\n\n" + block
+    card.write_text(text, encoding="utf-8")
+    return bool(files)
+
+
 def placeholder_repo_id(model_name: str) -> str:
     """The repo id a card shows until the model is pushed (`push_to_hub` puts the real one in its place)."""
     return f"your-username/{model_name}"
@@ -346,10 +390,17 @@ def check_saved_student(model_dir: str | os.PathLike) -> Path:
 
 
 def files_to_upload(model_dir: str | os.PathLike) -> list[str]:
-    """Relative paths (posix) of the files `push_to_hub` uploads from `model_dir`, with the same filters."""
+    """Relative paths (posix) of the files `push_to_hub` uploads from `model_dir`: all but those matching
+    `PUSH_IGNORE_PATTERNS`, except that an OpenVINO export's weights (`openvino_model.bin`, raw tensors that OpenVINO
+    reads as data, never a pickle) go with its `openvino_model.xml`."""
     folder = Path(model_dir)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return list(filter_repo_objects(files, ignore_patterns=PUSH_IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+    kept = list(filter_repo_objects(files, ignore_patterns=PUSH_IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+    for xml in [name for name in kept if name.endswith(OPENVINO_SUFFIX)]:
+        weights = xml.removesuffix(".xml") + ".bin"
+        if weights in files:
+            kept.append(weights)
+    return sorted(kept)
 
 
 def _files_containing(folder: Path, files: Sequence[str], secret: str) -> list[str]:
@@ -391,7 +442,8 @@ def push_to_hub(
     """Upload a saved student folder (weights, config, remote code, image processor, card, pictures, results).
 
     Trainer checkpoints and pickles (`checkpoint-*`, `training_args.bin`, `*.bin`, `*.pt`, optimizer and scheduler
-    states) are never uploaded; the weights go as safetensors.
+    states) are never uploaded; the weights go as safetensors. Exports (`hf-sad export`) go with them and are named
+    in the card.
 
     Args:
         model_dir: folder written by `model.save_pretrained` + `processor.save_pretrained` (+ `README.md`).
@@ -424,6 +476,7 @@ def push_to_hub(
     if leaked := _files_containing(folder, files_to_upload(folder), token):
         raise ValueError(f"Refusing to upload: these files contain your Hub token: {', '.join(leaked)}.")
 
+    write_exports_into_card(folder)
     _write_repo_id_into_card(folder / "README.md", repo_id)
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -434,7 +487,7 @@ def push_to_hub(
         folder_path=folder,
         commit_message=commit_message,
         revision=revision,
-        ignore_patterns=list(PUSH_IGNORE_PATTERNS),
+        allow_patterns=[glob.escape(name) for name in files_to_upload(folder)],  # exactly these files
     )
     url = getattr(commit, "commit_url", None) or str(repo_url)
     logger.info("Pushed %s to %s", folder.name, url)

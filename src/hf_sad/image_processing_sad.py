@@ -50,8 +50,8 @@ __all__ = ["SADImageProcessor", "select_detections"]
 class SADImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     pad_size_divisor (`int`, *optional*, defaults to `self.pad_size_divisor`):
-        When padding, the padded height and width are rounded up to a multiple of this (the stride of the coarsest
-        pyramid level, so that every level tiles the padded image exactly). Ignored when `pad_size` is given.
+        When padding, the padded height and width are rounded up to a multiple of this (the stride of the
+        backbone's coarsest feature map, what the network needs). Ignored when `pad_size` is given.
     do_convert_annotations (`bool`, *optional*, defaults to `self.do_convert_annotations`):
         Whether to return `labels["boxes"]` as normalised cx,cy,w,h (relative to the image's own extent) instead of
         absolute x1,y1,x2,y2 in resized pixels.
@@ -275,8 +275,9 @@ class SADImageProcessor(TorchvisionBackend):
         do_pad (`bool`, *optional*, defaults to `True`):
             Whether to pad images bottom/right with zeros to the largest height and width in the batch, rounded up to
             a multiple of `pad_size_divisor` (or to `pad_size` when given).
-        pad_size_divisor (`int`, *optional*, defaults to 128):
-            Padded sizes are multiples of this: the stride of P7, the coarsest pyramid level.
+        pad_size_divisor (`int`, *optional*, defaults to 32):
+            Padded sizes are multiples of this: what the network needs, the stride of the backbone's coarsest feature
+            map (32 for a ResNet; `create_detector` sets the backbone's). Levels above it (P6, P7) round up.
         do_convert_annotations (`bool`, *optional*, defaults to `True`):
             Whether to return label boxes as normalised cx,cy,w,h instead of absolute x1,y1,x2,y2 in resized pixels.
         do_convert_rgb (`bool`, *optional*, defaults to `True`):
@@ -314,7 +315,7 @@ class SADImageProcessor(TorchvisionBackend):
     image_mean = IMAGENET_DEFAULT_MEAN
     image_std = IMAGENET_DEFAULT_STD
     do_pad = True
-    pad_size_divisor = 128
+    pad_size_divisor = 32
     do_convert_annotations = True
     do_convert_rgb = True
 

@@ -168,29 +168,48 @@ def predict_images(
     batch_size: int = 8,
     device: str | None = None,
     processor: SADImageProcessor | None = None,
+    backend: str = "pytorch",
+    exported_file: str | None = None,
 ) -> PredictionReport:
     """Detect objects in image files; write `output_dir/detections.json` ({path: [{label, score, box}]}) and one
     drawing per image (see `find_images` for their names). Undecodable files are skipped, counted and named in the
     summary (not in the JSON); none decodable is a ValueError.
 
     Args:
-        model: a saved detector (path or Hub id) or a loaded one.
+        model: a saved detector (path or Hub id) or, with the PyTorch backend, a loaded one.
         inputs: image files and folders.
         threshold: minimum score of a detection (strictly greater).
         device: torch device of the model; default `cuda` when available, else the CPU.
         processor: the model's image processor (default: loaded from the model's folder).
+        backend: `"pytorch"`, or `"onnxruntime"` / `"openvino"` to run the model's export (`hf-sad export`).
+        exported_file: with an export backend, the file in the model folder to run (default `model.onnx` /
+            `openvino_model.xml`; e.g. `model_int8.onnx`).
     """
     files = find_images(inputs)
     if not files:
         raise FileNotFoundError(f"No images found in {list(map(str, inputs))}.")
-    if isinstance(model, str):
-        processor = processor or AutoImageProcessor.from_pretrained(model)
-        model = AutoModelForObjectDetection.from_pretrained(model)
-    processor = processor or AutoImageProcessor.from_pretrained(model.name_or_path)
-    model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if backend == "pytorch":
+        if isinstance(model, str):
+            processor = processor or AutoImageProcessor.from_pretrained(model)
+            model = AutoModelForObjectDetection.from_pretrained(model)
+        processor = processor or AutoImageProcessor.from_pretrained(model.name_or_path)
+        model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        id2label = model.config.id2label
+
+        def run(images: list[Image.Image]) -> list[dict[str, torch.Tensor]]:
+            return detect(model, processor, images, threshold=0.0, batch_size=batch_size)
+    else:
+        from .runtime import ExportedDetector
+
+        if not isinstance(model, (str, Path)):
+            raise ValueError(f"backend={backend!r} runs an exported file: pass the model's folder or Hub id.")
+        exported = ExportedDetector.from_pretrained(model, backend=backend, file=exported_file)
+        id2label = exported.id2label
+
+        def run(images: list[Image.Image]) -> list[dict[str, torch.Tensor]]:
+            return exported(images, threshold=0.0, batch_size=batch_size)
     output_dir = Path(output_dir)
     report = PredictionReport(output_dir=output_dir, threshold=threshold)
-    id2label = model.config.id2label
     for start in range(0, len(files), batch_size):
         decoded = []
         for file, drawing in files[start : start + batch_size]:
@@ -202,7 +221,7 @@ def predict_images(
             continue
         # Threshold 0, then filtered: the same detections (a box above the threshold is only ever suppressed by a
         # higher-scoring one), and the best score below it for the hint.
-        found = detect(model, processor, [image for _, _, image in decoded], threshold=0.0, batch_size=batch_size)
+        found = run([image for _, _, image in decoded])
         for (file, drawing, image), detections in zip(decoded, found):
             if len(detections["scores"]):
                 report.best_score = max(report.best_score, float(detections["scores"].max()))

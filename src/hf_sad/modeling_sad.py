@@ -259,16 +259,21 @@ class SADForObjectDetection(SADPreTrainedModel):
 
     def anchors_for(self, spatial_shapes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
         """(N, 4) xyxy absolute pixel anchors for pyramid feature maps of the given sizes (cached)."""
+        if torch.compiler.is_compiling():  # traced shapes may be symbolic: the anchors become part of the graph
+            return self._make_anchors(spatial_shapes, device)
         key = (tuple(spatial_shapes), str(device))
         if key not in self._anchor_cache:
             if len(self._anchor_cache) >= 16:  # multi-scale training: keep the cache small
                 self._anchor_cache.clear()
-            # Built here, not in __init__: from_pretrained constructs the model on the meta device.
-            scales = [2 ** (i / self.config.scales_per_octave) for i in range(self.config.scales_per_octave)]
-            ratios = self.config.aspect_ratios
-            cells = [make_cell_anchors(self.config.anchor_scale * s, scales, ratios) for s in self.strides]
-            self._anchor_cache[key] = make_anchors(spatial_shapes, self.strides, cells, device)
+            self._anchor_cache[key] = self._make_anchors(spatial_shapes, device)
         return self._anchor_cache[key]
+
+    def _make_anchors(self, spatial_shapes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+        # Built on demand, not in __init__: from_pretrained constructs the model on the meta device.
+        scales = [2 ** (i / self.config.scales_per_octave) for i in range(self.config.scales_per_octave)]
+        cells = [make_cell_anchors(self.config.anchor_scale * s, scales, self.config.aspect_ratios)
+                 for s in self.strides]
+        return make_anchors(spatial_shapes, self.strides, cells, device)
 
     def forward(
         self,

@@ -39,7 +39,7 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "train", "distill", "evaluate", "predict", "push"):
+    for command in ("demo", "train", "distill", "evaluate", "predict", "export", "push"):
         assert command in out
     with pytest.raises(SystemExit) as exit_info:
         main(["distill", "--help"])

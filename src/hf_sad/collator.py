@@ -367,10 +367,14 @@ class SADDataCollator:
                 )
         empty = not images
         if empty:  # every image of the batch was skipped: a placeholder the trainer gives a zero loss
+            # Resized like an evaluation image, so that even the coarsest feature map has more than one value
+            # per channel (BatchNorm refuses a 1x1 map in a batch of one).
             images = [Image.new("RGB", (32, 32))]
             annotations = [{"image_id": -1, "annotations": []}]
             is_labeled = [False]
-        batch = self.processor(images=images, annotations=annotations, do_resize=not training, return_tensors="pt")
+        batch = self.processor(
+            images=images, annotations=annotations, do_resize=empty or not training, return_tensors="pt"
+        )
         out = {
             "pixel_values": batch["pixel_values"],
             "pixel_mask": batch["pixel_mask"],

@@ -331,3 +331,17 @@ def test_class_names_come_from_the_data_or_class_names_else_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"--class_names \['a', 'b'\] disagree with the class names of synthetic"):
         main(["train", "--output_dir", str(tmp_path / "x"), "--class_names", "a,b", *TINY_MODEL, *TINY_RUN,
               "--train_data", "synthetic:4"])
+
+
+def test_student_named_like_a_folder_without_a_detector(tmp_path, monkeypatch):
+    """`--student resnet18` builds a fresh model even where a folder named resnet18 (without a saved detector) is in
+    the working directory; a student or teacher path to a folder without config.json is a clear error."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18").mkdir()
+    (tmp_path / "resnet18" / "notes.txt").write_text("not a model")
+    main(["train", "--output_dir", "out", "--student", "resnet18", "--train_data", "synthetic:4", *TINY_MODEL,
+          *TINY_RUN])
+    assert AutoModelForObjectDetection.from_pretrained(tmp_path / "out").config.backbone == "resnet18"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty is a folder without a saved detector \(no config.json\)"):
+        main(["train", "--output_dir", "out2", "--student", "./empty", "--train_data", "synthetic:4", *TINY_RUN])

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import timm
 import yaml
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, HfArgumentParser, set_seed
 
@@ -198,6 +199,9 @@ def load_saved_detector(source: str):
     FileNotFoundError and a folder without a detector a ValueError, both naming `source`."""
     if not Path(source).exists() and (looks_like_local_path(source) or not is_hub_id(source)):
         raise FileNotFoundError(f"{source}: no such model folder (nor a Hub model id, namespace/name).")
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise ValueError(f"{source} is a folder without a saved detector (no config.json); save one there with "
+                         "save_pretrained, or name another folder or Hub id.")
     try:
         return AutoModelForObjectDetection.from_pretrained(source), AutoImageProcessor.from_pretrained(source)
     except OSError as error:
@@ -205,9 +209,11 @@ def load_saved_detector(source: str):
 
 
 def build_student(model_args: ModelArguments, id2label: dict[int, str]):
-    """Load a saved model, or create a fresh one on the named timm backbone with the dataset's classes."""
+    """Load a saved model, or create a fresh one on the named timm backbone with the dataset's classes. A timm name
+    builds a fresh model even where a folder of that name (without a saved detector) exists."""
     name = model_args.student
-    if Path(name).exists() or "/" in name or looks_like_local_path(name):
+    fresh = timm.is_model(name) and not (Path(name) / "config.json").is_file()
+    if not fresh and (Path(name).exists() or "/" in name or looks_like_local_path(name)):
         return load_saved_detector(name)
     return create_detector(
         model_args.student,

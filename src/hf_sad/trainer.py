@@ -178,6 +178,11 @@ class SADTrainer(Trainer):
         if teacher is not None:
             dtype = args.resolved_teacher_dtype
             self.teacher = teacher.requires_grad_(False).eval().to(device=self.accelerator.device, dtype=dtype)
+        # With --torch_compile the Trainer compiles the student; the teacher's forward is compiled the same way.
+        self._teacher_call = self.teacher
+        if self.teacher is not None and args.torch_compile:
+            self._teacher_call = torch.compile(self.teacher, backend=args.torch_compile_backend,
+                                               mode=args.torch_compile_mode)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._evaluating_teacher = False
         self._pseudo_box_drought = [0, 0]  # training batches in a row without a pseudo-box, their unlabeled images
@@ -236,7 +241,7 @@ class SADTrainer(Trainer):
 
     def _teacher_forward(self, inputs: dict[str, Any]):
         with torch.no_grad(), self.accelerator.autocast():
-            return self.teacher(
+            return self._teacher_call(
                 pixel_values=inputs["pixel_values"].to(next(self.teacher.parameters()).dtype),
                 pixel_mask=inputs.get("pixel_mask"),
             )

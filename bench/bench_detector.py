@@ -1,9 +1,13 @@
-"""B1 (supervised training step) and B3 (inference with post-processing): ours vs torchvision's RetinaNet.
+"""B1 (supervised training step) and B3 (inference with post-processing): ours against the network's own compute
+(the limit) and against torchvision's RetinaNet.
 
-Both detectors have the same backbone, pyramid, heads and anchors, and the reference starts from a copy of our weights
-(`common.build_reference`), so the network compute is the same and the ratio measures everything around it: anchor
-generation, matching, losses, input transform and post-processing. Each benchmark also times that part alone (on
-fixed head outputs) as a breakdown.
+The network's own compute is the backbone, pyramid and heads alone (`network_outputs`): for training their forward,
+the backward of fixed random gradients of the head outputs, and the same SGD step; for inference their forward. The
+ratio to it is everything our detector adds: anchors, box decoding, matching, losses, post-processing.
+
+torchvision's detector has the same backbone, pyramid, heads and anchors and starts from a copy of our weights
+(`common.build_reference`), so the network compute is the same and that ratio compares what each library adds. Each
+benchmark also times that part alone (on fixed head outputs) as a breakdown.
 """
 
 from __future__ import annotations
@@ -50,8 +54,15 @@ def _split_like_torchvision(ref, features, head_outputs, anchors):
     return split_outputs, split_anchors
 
 
+def network_outputs(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network alone: backbone, pyramid and heads, (class logits, box regression), nothing else."""
+    pyramid = model.pyramid(model.backbone(pixel_values))
+    return model.class_head(pyramid), model.box_head(pyramid)
+
+
 def bench_train_step(scale: Scale) -> dict:
-    """B1: forward + backward + SGD step on the same batch; plus anchors + matching + loss fwd/bwd alone."""
+    """B1: forward + backward + SGD step on the same batch, ours, the network alone and torchvision's; plus anchors +
+    matching + loss fwd/bwd alone."""
     model, processor = build_student(scale)
     pixel_values, pixel_mask, labels, targets = scene_batch(scale, processor)
     sizes = _sizes(scale, model, pixel_values)
@@ -64,10 +75,18 @@ def bench_train_step(scale: Scale) -> dict:
     opt_ours = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9)
     images = list(pixel_values)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        grads = [torch.randn(o.shape, generator=generator) * 1e-4 for o in network_outputs(model, pixel_values)]
 
     def ours():
         out = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
         out.loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def network():
+        torch.autograd.backward(list(network_outputs(model, pixel_values)), grads)
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
@@ -77,8 +96,10 @@ def bench_train_step(scale: Scale) -> dict:
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
 
-    times = interleaved_times({"ours": ours, "reference": reference}, scale.repeats, scale.warmup)
-    row = {"sizes": sizes, "repeats": scale.repeats, "warmup": scale.warmup, "times": times}
+    times = interleaved_times({"ours": ours, "network": network, "reference": reference}, scale.repeats,
+                              scale.warmup)
+    row = {"sizes": sizes, "repeats": scale.repeats, "warmup": scale.warmup, "times": times,
+           "network": ratio_row(times, "ours", "network")}
     row.update(ratio_row(times, "ours", "reference"))
 
     # Breakdown: what each does besides the network, on fixed head outputs (anchors, matching, losses, backward).
@@ -126,7 +147,8 @@ def _breakdown(what: str, whole: str, ours, reference, whole_times: dict, scale:
 
 
 def bench_inference(scale: Scale) -> dict:
-    """B3: eval-mode forward + post-processing (score > 0.05, top-k 1000, NMS 0.5, 100 detections, boxes in pixels)."""
+    """B3: eval-mode forward + post-processing (score > 0.05, top-k 1000, NMS 0.5, 100 detections, boxes in pixels),
+    ours, the network alone and torchvision's."""
     model, processor = build_student(scale)
     pixel_values, pixel_mask, _, _ = scene_batch(scale, processor, seed=1)
     # Fresh heads predict the 0.01 prior everywhere (nothing above 0.05): spread the scores so that ~2000 (anchor,
@@ -150,8 +172,14 @@ def bench_inference(scale: Scale) -> dict:
         with torch.no_grad():
             last["reference"] = ref(images)
 
-    times = interleaved_times({"ours": ours, "reference": reference}, scale.repeats, scale.warmup)
-    row = {"sizes": sizes, "repeats": scale.repeats, "warmup": scale.warmup, "times": times}
+    def network():
+        with torch.no_grad():
+            network_outputs(model, pixel_values)
+
+    times = interleaved_times({"ours": ours, "network": network, "reference": reference}, scale.repeats,
+                              scale.warmup)
+    row = {"sizes": sizes, "repeats": scale.repeats, "warmup": scale.warmup, "times": times,
+           "network": ratio_row(times, "ours", "network")}
     row.update(ratio_row(times, "ours", "reference"))
     row["detections_per_image"] = {k: [len(d["scores"]) for d in v] for k, v in last.items()}
 

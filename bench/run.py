@@ -1,6 +1,7 @@
-"""hf-sad performance benchmarks B1-B7 on the CPU: a table on stdout and a JSON file.
+"""hf-sad performance benchmarks B1-B12 on the CPU: a table on stdout and a JSON file.
 
     python bench/run.py [--quick] [--only B1,B3] [--json bench/results.json] [--threads N] [--workers N]
+                        [--bccd_model DIR]
 
 Every benchmark runs at the demo scale (ResNet-18, 128 px, 64-channel FPN/heads, batch 4) and, unless `--quick`, at a
 realistic scale (ResNet-50, 512 px, 256-channel FPN/heads, batch 2, 80 classes). See bench/README.md for what each id
@@ -8,7 +9,9 @@ measures and how. `main(argv) -> dict` returns what is written to the JSON file.
 
 Timed work runs in worker subprocesses of this script (one per scale for B1/B2/B3/B5/B6, one fresh process per case
 for the memory benchmark B7; B4 is `bench/bench_losses.py`, which spawns its own), with both sides of each ratio
-timed in the same process, alternating call by call after warm-up; the median of the repeats is reported.
+timed in the same process, alternating call by call after warm-up; the median of the repeats is reported. B8-B12
+(bench/bench_export.py: exported inference, compiled training, YOLO for context, padding, eager variants) run once
+per run in one more worker, each on its own network.
 """
 
 from __future__ import annotations
@@ -30,9 +33,19 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
-IDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7")
+IDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12")
+# Rows each id gives: B1 and B3 also compare with torchvision's RetinaNet in a row of their own; B8 gives the int8
+# export's rows (B8b).
+ROWS = {"B1": ("B1", "B1tv"), "B3": ("B3", "B3tv"), "B8": ("B8", "B8b")}
+EXPORT_IDS = ("B8", "B9", "B10", "B11", "B12")
 SPECS = {
     "B1": {
+        "what": "supervised training step (forward + backward + SGD step)",
+        "reference": "the network's own compute: backbone/FPN/heads forward, backward of fixed output gradients, "
+                     "the same SGD step",
+        "target": "<= 1.03x time",
+    },
+    "B1tv": {
         "what": "supervised training step (forward + backward + SGD step)",
         "reference": "torchvision RetinaNet, same backbone/FPN/heads/anchors/weights/batch/targets",
         "target": "<= 0.75x time",
@@ -43,6 +56,11 @@ SPECS = {
         "target": "<= 1.10x time",
     },
     "B3": {
+        "what": "inference incl. post-processing (score 0.05, top-k 1000, NMS 0.5, 100 dets)",
+        "reference": "the network's own forward (backbone/FPN/heads), same batch",
+        "target": "<= 1.05x time",
+    },
+    "B3tv": {
         "what": "inference incl. post-processing (score 0.05, top-k 1000, NMS 0.5, 100 dets)",
         "reference": "torchvision RetinaNet in eval mode, same sizes and weights",
         "target": "<= 0.75x time",
@@ -67,7 +85,40 @@ SPECS = {
         "reference": "supervised student step with the teacher weights in memory",
         "target": "<= 1.25x",
     },
+    "B8": {
+        "what": "exported student (ONNX Runtime, post-processing in the graph)",
+        "reference": "torchvision RetinaNet in eager PyTorch, same network and weights",
+        "target": "<= 0.6x time",
+    },
+    "B8b": {
+        "what": "int8 export (ONNX Runtime static quantisation, QDQ convolutions)",
+        "reference": "the float export (speed); its mAP on BCCD (accuracy, --bccd_model)",
+        "target": "faster, and <= 1 mAP point lost",
+    },
+    "B9": {
+        "what": "torch.compile'd (inductor) training step",
+        "reference": "the same step in eager PyTorch, same weights and batch",
+        "target": "< 1.0x time to be recommended",
+    },
+    "B10": {
+        "what": "our export (ONNX Runtime, with NMS)",
+        "reference": "Ultralytics YOLO11n from its config, exported to ONNX with NMS: a different network, context",
+        "target": "context only",
+    },
+    "B11": {
+        "what": "inference, processor padding to the backbone's stride (32)",
+        "reference": "the same, padding to a multiple of 128 (the old default); 416 px images, 192 px model",
+        "target": "< 1.0x time",
+    },
+    "B12": {
+        "what": "eager inference: channels_last / backbone BatchNorm folded / both",
+        "reference": "plain eager inference, same network and batch",
+        "target": "measured, kept where < 0.95x",
+    },
 }
+# B8/B12 (image side, batch) cases; --quick keeps the 320 px ones.
+B8_CASES = {"full": ((320, 1), (320, 8), (640, 1), (640, 8)), "quick": ((320, 1), (320, 8))}
+B12_CASES = {"full": ((320, 8), (640, 1)), "quick": ((320, 8),)}
 # B5 sizes per scale: (images, repeats). 100 detections per image either way.
 B5_SIZES = {"demo": (1000, 1), "realistic": (3000, 1)}
 B6_BATCHES = {"demo": 30, "realistic": 15}
@@ -177,6 +228,42 @@ def _worker_timing(args: argparse.Namespace) -> None:
         run("B5", b5)
 
 
+def _worker_export(args: argparse.Namespace) -> None:
+    """B8 (+ B8b), B9, B10, B11, B12: exported inference, compiled training, YOLO for context, padding, eager
+    variants; each on its own network (bench_export.py), once per run."""
+    import bench_export
+    from common import SCALES, environment, quiet
+
+    quiet()
+    wanted = args.ids.split(",")
+    mode = "quick" if args.quick else "full"
+    _emit({"id": "env", "environment": environment()})
+
+    def run(bench_id, fn):
+        start = time.perf_counter()
+        try:
+            result = fn()
+            result["elapsed_s"] = time.perf_counter() - start
+            _emit({"id": bench_id, "scale": "export", "ok": True, "result": result})
+        except Exception:  # noqa: BLE001 - reported in the table, the other benchmarks go on
+            _emit({"id": bench_id, "scale": "export", "ok": False, "error": traceback.format_exc()})
+
+    if "B8" in wanted:
+        run("B8", lambda: bench_export.bench_exported_inference(args.threads, True, args.workdir, B8_CASES[mode]))
+        if args.bccd_model:
+            bccd = Path(args.bccd_dir)
+            run("B8acc", lambda: bench_export.int8_accuracy(args.bccd_model, bccd / "val.json", bccd / "images",
+                                                            args.workdir))
+    if "B9" in wanted:
+        run("B9", lambda: bench_export.bench_compiled_training(SCALES["demo"], args.workdir))
+    if "B10" in wanted:
+        run("B10", lambda: bench_export.bench_yolo(args.threads, args.workdir, size=B8_CASES[mode][-1][0]))
+    if "B11" in wanted:
+        run("B11", lambda: bench_export.bench_padding(SCALES["demo"]))
+    if "B12" in wanted:
+        run("B12", lambda: bench_export.bench_eager_variants(B12_CASES[mode]))
+
+
 def _worker_memory(args: argparse.Namespace) -> None:
     from common import SCALES, quiet
 
@@ -255,12 +342,17 @@ def _timing_rows(payloads: list[dict], scale: str) -> list[dict]:
             continue
         r = p["result"]
         if bench_id in ("B1", "B3"):
+            limit = r["network"]
+            target = 1.03 if bench_id == "B1" else 1.05
+            measured = f"{limit['ratio']:.3f}x (wall {limit['wall_ratio']:.3f}x)"
+            rows.append(_row(bench_id, scale, measured, limit["ratio"] <= target, r, ratio=limit["ratio"],
+                             wall_ratio=limit["wall_ratio"], sizes=r["sizes"], repeats=r["repeats"]))
             b = r["breakdown"]
             part = "loss+matching" if bench_id == "B1" else "post-processing"
             share = b["share_of_step_ours" if bench_id == "B1" else "share_of_inference_ours"]
             measured = (f"{r['ratio']:.2f}x (wall {r['wall_ratio']:.2f}x); {part} alone {b['ratio']:.2f}x, "
                         f"{100 * share:.0f}% of ours")
-            rows.append(_row(bench_id, scale, measured, r["ratio"] <= 0.75, r, ratio=r["ratio"],
+            rows.append(_row(f"{bench_id}tv", scale, measured, r["ratio"] <= 0.75, r, ratio=r["ratio"],
                              wall_ratio=r["wall_ratio"], component_ratio=b["ratio"], sizes=r["sizes"],
                              repeats=r["repeats"]))
         elif bench_id == "B2":
@@ -284,6 +376,70 @@ def _timing_rows(payloads: list[dict], scale: str) -> list[dict]:
                         f" max |diff| {r['max_abs_stat_diff']:.1e}")
             rows.append(_row(bench_id, scale, measured, ok, r, ratio=1.0 / r["speedup"], speedup=r["speedup"],
                              sizes=r["sizes"], repeats=r["repeats"]))
+    return rows
+
+
+def _export_rows(payloads: list[dict], bccd_model: str | None) -> list[dict]:
+    rows = []
+    for p in payloads:
+        bench_id = p.get("id")
+        if bench_id not in SPECS and bench_id != "B8acc":
+            continue
+        if not p["ok"]:
+            rows.append(_row("B8b" if bench_id == "B8acc" else bench_id, "export", "ERROR", False,
+                             {"error": p["error"]}))
+            continue
+        r = p["result"]
+        if bench_id == "B8":
+            rows += _b8_rows(r)
+            if not bccd_model:
+                rows.append(_row("B8b", "BCCD mAP", "skipped: pass --bccd_model (a detector trained on BCCD)", None,
+                                 {}))
+        elif bench_id == "B8acc":
+            change = r["map_change_points"]
+            measured = (f"mAP {100 * r['int8']['map']:.1f} vs float {100 * r['float']['map']:.1f} "
+                        f"({change:+.2f} points) on {r['images']} images")
+            rows.append(_row("B8b", "BCCD mAP", measured, change >= -1.0, r, map_change_points=change))
+        elif bench_id == "B9":
+            for step, m in r["steps"].items():
+                measured = f"{m['ratio']:.2f}x (wall {m['wall_ratio']:.2f}x); compiling took {m['compile_s']:.0f} s"
+                rows.append(_row("B9", f"demo {step}", measured, m["ratio"] < 1.0, m, ratio=m["ratio"],
+                                 wall_ratio=m["wall_ratio"], repeats=len(m["times"]["compiled"]["times_s"])))
+        elif bench_id == "B10":
+            if "skipped" in r:
+                rows.append(_row("B10", "export", f"skipped: {r['skipped']}", None, r))
+                continue
+            t = r["times"]
+            measured = (f"ours {1e3 * t['ours']['cpu_time_s']:.0f} ms ({r['parameters']['ours'] / 1e6:.1f} M params) "
+                        f"vs YOLO11n {1e3 * t['yolo11n']['cpu_time_s']:.0f} ms "
+                        f"({r['parameters']['yolo11n'] / 1e6:.1f} M): {r['ratio']:.1f}x")
+            rows.append(_row("B10", f"{r['image_size']}px x{r['batch_size']}", measured, None, r, ratio=r["ratio"]))
+        elif bench_id == "B11":
+            shapes = r["input_shapes"]
+            measured = (f"{r['ratio']:.2f}x (wall {r['wall_ratio']:.2f}x); tensors {shapes['stride'][2:]} vs "
+                        f"{shapes['multiple_of_128'][2:]}")
+            rows.append(_row("B11", f"demo {r['image_side']}px", measured, r["ratio"] < 1.0, r, ratio=r["ratio"],
+                             wall_ratio=r["wall_ratio"]))
+        elif bench_id == "B12":
+            for case in r["cases"]:
+                measured = ", ".join(f"{name} {m['ratio']:.2f}x" for name, m in case["ratios"].items())
+                rows.append(_row("B12", f"{case['image_size']}px x{case['batch_size']}", measured, None, case))
+    return rows
+
+
+def _b8_rows(r: dict) -> list[dict]:
+    rows = []
+    for case in r["cases"]:
+        scale = f"{case['image_size']}px x{case['batch_size']}"
+        ort, eager = case["onnxruntime_vs_torchvision"], case["ours_eager_vs_torchvision"]
+        measured = f"{ort['ratio']:.2f}x (wall {ort['wall_ratio']:.2f}x); ours eager {eager['ratio']:.2f}x"
+        rows.append(_row("B8", scale, measured, ort["ratio"] <= 0.6, case, ratio=ort["ratio"],
+                         wall_ratio=ort["wall_ratio"]))
+        if "int8_vs_onnxruntime" in case:
+            int8 = case["int8_vs_onnxruntime"]
+            measured = (f"{int8['ratio']:.2f}x of the float export; "
+                        f"{case['int8_vs_torchvision']['ratio']:.2f}x of torchvision eager")
+            rows.append(_row("B8b", scale, measured, int8["ratio"] < 1.0, case, ratio=int8["ratio"]))
     return rows
 
 
@@ -340,16 +496,16 @@ def _print_table(report: dict) -> None:
           f"({env.get('logical_cpus')} logical CPUs), torch {env.get('torch')}, torchvision {env.get('torchvision')}, "
           f"transformers {env.get('transformers')}, timm {env.get('timm')}; torch threads per process: "
           f"{report['settings']['threads_label']}")
-    print("Time ratios ours / reference (B1-B3, B5): median over repeats of ours_i / reference_i in process CPU time "
-          "(one torch thread; calls interleaved back to back after warm-up, in one process); wall = the same on wall "
-          "time. B4: bench_losses.py's own figures (wall). B6: wall-time throughput. Memory: peak RSS (VmHWM) in "
-          "fresh processes.")
-    head = f"{'id':<4}{'scale':<22}{'target':<40}{'result':<7}measured"
+    print("Time ratios ours / reference (B1-B3, B5, B8-B12): median over repeats of ours_i / reference_i in process "
+          "CPU time (one torch thread; calls interleaved back to back after warm-up, in one process); wall = the same "
+          "on wall time. B4: bench_losses.py's own figures (wall). B6: wall-time throughput. Memory: peak RSS "
+          "(VmHWM) in fresh processes.")
+    head = f"{'id':<6}{'scale':<22}{'target':<40}{'result':<7}measured"
     print(head)
     print("-" * 150)
     for row in report["results"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[row["pass"]]
-        print(f"{row['id']:<4}{row['scale']:<22}{row['target']:<40}{verdict:<7}{row['measured']}")
+        print(f"{row['id']:<6}{row['scale']:<22}{row['target']:<40}{verdict:<7}{row['measured']}")
     print(f"\ntotal {report['total_time_s']:.0f} s; JSON: {report['settings']['json']}")
 
 
@@ -364,7 +520,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers for B6 (default: SADTrainingArguments' dataloader_num_workers)")
     parser.add_argument("--workdir", default=None, help="folder for the synthetic data (default: a temporary one)")
-    parser.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--bccd_model", default=None,
+                        help="a detector trained on BCCD (a saved model folder): B8b then reports the int8 export's "
+                             "mAP change on BCCD's validation split")
+    parser.add_argument("--bccd_dir", default=str(BENCH_DIR.parent.parent / "shared" / "datasets" / "bccd"),
+                        help="BCCD in COCO format (val.json, images/)")
+    parser.add_argument("--worker", choices=("timing", "memory", "export"), help=argparse.SUPPRESS)
     parser.add_argument("--scale", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -388,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        (_worker_timing if args.worker == "timing" else _worker_memory)(args)
+        {"timing": _worker_timing, "memory": _worker_memory, "export": _worker_export}[args.worker](args)
         return {}
 
     start = time.perf_counter()
@@ -423,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
                 done = {r["id"] for r in scale_rows}
                 for missing in [i for i in timing_ids if i not in done]:
                     scale_rows.append(_row(missing, scale, "ERROR (worker died)", False, {"error": err}))
-                rows += [r for r in scale_rows if r["id"] in selected]
+                rows += [r for r in scale_rows if r["id"] in {row for i in selected for row in ROWS.get(i, (i,))}]
             if "B7" in selected:
                 _progress(start, f"[{scale}] B7")
                 # Memory only: the two fresh processes may run side by side.
@@ -436,6 +597,18 @@ def main(argv: list[str] | None = None) -> dict:
         if "B4" in selected:
             _progress(start, "[B4] bench/bench_losses.py")
             rows += _b4_rows(args)
+        export_ids = [i for i in EXPORT_IDS if i in selected]
+        if export_ids:
+            _progress(start, f"[export] {', '.join(export_ids)}")
+            worker = ["--worker", "export", "--ids", ",".join(export_ids), "--workdir", args.workdir,
+                      *(["--quick"] if args.quick else []),
+                      *(["--bccd_model", args.bccd_model, "--bccd_dir", args.bccd_dir] if args.bccd_model else [])]
+            payloads, err = _collect(_spawn(worker, args.threads))
+            export_rows = _export_rows(payloads, args.bccd_model)
+            done = {r["id"] for r in export_rows}
+            export_rows += [_row(i, "export", "ERROR (worker died)", False, {"error": err})
+                            for i in export_ids if i not in done]
+            rows += export_rows
     finally:
         if cleanup is not None:
             cleanup.cleanup()
@@ -445,7 +618,7 @@ def main(argv: list[str] | None = None) -> dict:
         from common import environment as env_fn
 
         environment = env_fn()
-    order = {i: n for n, i in enumerate(IDS)}
+    order = {row: n for n, row in enumerate(row for i in IDS for row in ROWS.get(i, (i,)))}
     rows.sort(key=lambda r: (order[r["id"]], 0 if r["scale"].startswith(("demo", "cpu")) else 1))
     report = {
         "environment": environment,
@@ -462,7 +635,8 @@ def main(argv: list[str] | None = None) -> dict:
             "timing": "B1-B3, B5: both implementations in one worker process with one torch thread, called "
                       "alternately (order flipped every repeat) after warm-up; judged ratio = median over repeats of "
                       "ours_i / reference_i in process CPU time (wall-time figures alongside); B4: bench_losses.py "
-                      "(median wall times, alternating calls); B6: wall-time throughput of the DataLoader",
+                      "(median wall times, alternating calls); B6: wall-time throughput of the DataLoader; B8-B12 "
+                      "as B1-B3, ONNX Runtime sessions with as many intra-op threads as torch (--threads)",
             "memory": "B7: peak resident set (VmHWM, reset via /proc/self/clear_refs after setup) of one step "
                       "(SGD momentum buffers created beforehand) minus the resident set after imports, each case in a "
                       "fresh process, freed heap trimmed (malloc_trim) before each baseline; B4: bench_losses.py's "

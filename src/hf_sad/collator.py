@@ -244,8 +244,10 @@ class SADDataCollator:
     Rows with a `sample_index` (training) get a horizontal flip with probability `hflip_prob` and a scale jitter: the
     processor's target size times a factor drawn from `scale_range`; both are drawn from a generator seeded by
     (`seed`, process, worker, `sample_index`), so augmentation never touches the global RNG. Boxes follow the pixels
-    through `torchvision.transforms.v2.functional` with `tv_tensors.BoundingBoxes`. Rows without it (evaluation) are
-    only resized by the processor.
+    through `torchvision.transforms.v2.functional` with `tv_tensors.BoundingBoxes`. With `student_color_jitter` s > 0,
+    the student's copy of each training image also gets brightness, contrast and saturation factors drawn from
+    [1 - s, 1 + s] (same generator), and the batch carries the unjittered copies as `teacher_pixel_values`: geometry is
+    shared, so anchors line up. Rows without `sample_index` (evaluation) are only resized by the processor.
 
     Returns a dict with `pixel_values` (B, 3, H, W), `pixel_mask` (B, H, W), `labels` (one dict per row, normalised
     cxcywh boxes; empty for unlabeled rows) and `is_labeled` (B,) bool, plus `num_skipped` (0-d int64: rows dropped
@@ -273,8 +275,10 @@ class SADDataCollator:
         category_map: Mapping[int, int] | None = None,
         id2label: Mapping[int, str] | None = None,
         skip_bad_labeled_images: bool = False,
+        student_color_jitter: float = 0.0,
     ):
         self.processor = processor
+        self.student_color_jitter = student_color_jitter
         self.hflip_prob = hflip_prob
         self.scale_range = scale_range
         self.seed = seed
@@ -297,7 +301,11 @@ class SADDataCollator:
         key = np.random.SeedSequence([self.seed, rank, worker.id if worker else 0, int(sample_index)])
         return torch.Generator().manual_seed(int(key.generate_state(1, dtype=np.uint64)[0] >> 1))
 
-    def _augment(self, image: Image.Image, boxes: torch.Tensor, sample_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _augment(
+        self, image: Image.Image, boxes: torch.Tensor, sample_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(pixels, boxes) after the flip and scale jitter both networks see, and the student's pixels after its own
+        photometric jitter (None when `student_color_jitter` is 0)."""
         generator = self._generator(sample_index)
         pixels = TF.to_image(image)
         height, width = pixels.shape[-2:]
@@ -309,11 +317,19 @@ class SADDataCollator:
         out_h, out_w = get_resize_output_size(height, width, self.processor.size)
         size = [max(1, round(out_h * scale)), max(1, round(out_w * scale))]
         pixels, boxes = TF.resize(pixels, size, antialias=True), TF.resize(boxes, size)
-        return pixels, boxes.as_subclass(torch.Tensor)
+        student_pixels = None
+        if self.student_color_jitter > 0:
+            low, high = 1 - self.student_color_jitter, 1 + self.student_color_jitter
+            brightness, contrast, saturation = (low + (high - low) * torch.rand(3, generator=generator)).tolist()
+            student_pixels = TF.adjust_saturation(
+                TF.adjust_contrast(TF.adjust_brightness(pixels, brightness), contrast), saturation
+            )
+        return pixels, boxes.as_subclass(torch.Tensor), student_pixels
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
         training = "sample_index" in rows[0]
         images, annotations, is_labeled = [], [], []
+        student_images = []  # with student_color_jitter: what the student sees (`images` then go to the teacher)
         skipped, dropped = [], []
         for i, row in enumerate(rows):
             labeled = bool(row.get("is_labeled", True))
@@ -347,7 +363,9 @@ class SADDataCollator:
             boxes, per_box, dropped_here = clean_boxes(boxes, per_box, image.width, image.height, where)
             dropped += dropped_here
             if training:
-                image, boxes = self._augment(image, boxes, row["sample_index"])
+                image, boxes, student_image = self._augment(image, boxes, row["sample_index"])
+                if student_image is not None:
+                    student_images.append(student_image)
             image_id = int(row.get("sample_index", row.get("image_id", i)))
             annotations.append({
                 "image_id": image_id,
@@ -386,4 +404,9 @@ class SADDataCollator:
         }
         if empty:
             out["empty_batch"] = torch.tensor(True)
+        elif student_images:
+            # The student's jittered copies as `pixel_values`; the teacher's view keeps the shared geometry only.
+            out["teacher_pixel_values"] = out["pixel_values"]
+            out["pixel_values"] = self.processor(images=student_images, do_resize=False,
+                                                 return_tensors="pt")["pixel_values"]
         return out

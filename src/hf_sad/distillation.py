@@ -28,7 +28,7 @@ from transformers import AutoModelForObjectDetection
 
 from .detection_loss import assign_anchors, box_loss, detection_loss
 from .image_processing_sad import SADImageProcessor
-from .losses import adaptive_distillation_loss, focal_distillation_loss, kl_distillation_loss
+from .losses import adaptive_distillation_loss, binary_entropy, focal_distillation_loss, kl_distillation_loss
 from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput
 from .training_args import DistillationArguments
 
@@ -152,6 +152,8 @@ def sad_loss(
             f"Teacher logits {tuple(teacher_outputs.logits.shape)} do not line up with student logits "
             f"{tuple(outputs.logits.shape)}."
         )
+    if getattr(teacher_outputs, "teacher_disagreement", None) is not None:  # an ensemble of teachers
+        metrics["teacher_disagreement"] = teacher_outputs.teacher_disagreement
 
     pseudo = {}
     if unlabeled:
@@ -192,6 +194,10 @@ def sad_loss(
     keep = assignment_labels >= 0  # drop anchors in the ignore band of the real or pseudo boxes
     if args.distill_entries == "background":
         keep = assignment_labels == 0
+    if args.teacher_confidence_mask is not None:  # uncertainty-aware: only where the teacher is sure of every class
+        certain = binary_entropy(teacher_outputs.logits).amax(-1) < args.teacher_confidence_mask
+        metrics["teacher_certain_fraction"] = certain.float().mean()
+        keep = keep & certain
     for rows, weight, name in ((labeled, args.labeled_distill_weight, "labeled"),
                                (unlabeled, args.unlabeled_distill_weight, "unlabeled")):
         if not rows or weight == 0:

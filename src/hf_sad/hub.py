@@ -119,6 +119,13 @@ def _source_display(name: str | None, *, what: str) -> str:
     return f"`{name}`"
 
 
+def _teachers_display(teachers: Sequence[str]) -> str:
+    """Markdown for the teacher, or for each member of an ensemble."""
+    if len(teachers) > 1:
+        return f"an ensemble of {len(teachers)}: " + ", ".join(_source_display(t, what="checkpoint") for t in teachers)
+    return _source_display(teachers[0] if teachers else None, what="checkpoint")
+
+
 def _fraction(value: Any) -> float | None:
     """A metric value as a float in [0, 1], or None when missing / NaN (COCO gives -1 or NaN for empty areas)."""
     if value is None:
@@ -203,7 +210,7 @@ def create_model_card(
     model_name: str,
     id2label: Mapping[int | str, str],
     backbone: str,
-    teacher: str | None = None,
+    teacher: str | Sequence[str] | None = None,
     teacher_backbone: str | None = None,
     datasets: Sequence[str] | None = None,
     metrics: Mapping[str, Any] | None = None,
@@ -225,8 +232,9 @@ def create_model_card(
         model_name: title of the card and name of the `model-index` entry (a local path is reduced to its folder name).
         id2label: class id -> class name of the student.
         backbone: timm name of the student's backbone, e.g. `"resnet18"`.
-        teacher: Hub id (`namespace/name`) or local path of the teacher. Only a Hub id becomes `base_model`; a local
-            path is shown by its folder name and marked local.
+        teacher: Hub id (`namespace/name`) or local path of the teacher, or a list of them (an ensemble), or a
+            description (the mean teacher). Hub ids become `base_model`; a local path is shown by its folder name and
+            marked local.
         teacher_backbone: timm name of the teacher's backbone, if known.
         datasets: training data sets; Hub ids go into the `datasets` metadata, local paths are shown by name only.
         metrics: the student's COCO metrics as fractions in [0, 1] (`map`, `map_50`, `map_75`, `map_small`, ...;
@@ -253,6 +261,8 @@ def create_model_card(
     if method not in ("sad", "supervised"):
         raise ValueError(f"method must be 'sad' or 'supervised', got {method!r}.")
     distilled = method == "sad"
+    teachers = [teacher] if isinstance(teacher, str) else list(teacher or [])
+    hub_teachers = [t for t in teachers if is_hub_id(t)] if distilled else []
     hub_datasets = [d for d in datasets or [] if is_hub_id(d)]
     if dataset_name == "custom" and hub_datasets:
         dataset_name = hub_datasets[0]
@@ -266,7 +276,8 @@ def create_model_card(
         pipeline_tag="object-detection",
         tags=list(dict.fromkeys([*(CARD_TAGS if distilled else SUPERVISED_TAGS), *(tags or [])])),
         license=license,
-        base_model=base_model if is_hub_id(base_model) else teacher if distilled and is_hub_id(teacher) else None,
+        base_model=base_model if is_hub_id(base_model) else (hub_teachers if len(hub_teachers) > 1
+                                                             else hub_teachers[0] if hub_teachers else None),
         datasets=hub_datasets or None,
         eval_results=_eval_results(
             student,
@@ -291,7 +302,7 @@ def create_model_card(
         backbone=backbone,
         num_classes=len(labels),
         classes_display=", ".join(f"`{name}`" for name in labels),
-        teacher_display=_source_display(teacher, what="checkpoint"),
+        teacher_display=_teachers_display(teachers),
         teacher_backbone=teacher_backbone,
         data_display=", ".join(_source_display(d, what="data set") for d in datasets) if datasets else dataset_name,
         dataset_display=f"`{dataset_name}`",

@@ -34,7 +34,13 @@ from torchvision.ops import box_convert
 
 from .image_processing_sad import select_detections
 
-__all__ = ["adaptive_distillation_loss", "focal_distillation_loss", "hard_pseudo_labels", "kl_distillation_loss"]
+__all__ = [
+    "adaptive_distillation_loss",
+    "binary_entropy",
+    "focal_distillation_loss",
+    "hard_pseudo_labels",
+    "kl_distillation_loss",
+]
 
 _VARIANTS = ("paper", "released")
 _NORMALIZERS = ("adaptive", "none")
@@ -64,6 +70,14 @@ def _softplus(x: Tensor) -> Tensor:
     positive_part = x.clamp_min(0.0)
     # log1p(exp(-|x|)) + max(x, 0), with -|x| = x - 2 max(x, 0) (one op less than abs + neg)
     return torch.sub(x, positive_part, alpha=2.0).exp_().log1p_().add_(positive_part)
+
+
+def binary_entropy(logits: Tensor) -> Tensor:
+    """H(q) = -(q log q + (1 - q) log(1 - q)) in nats of q = sigmoid(`logits`), elementwise, in float32 from the
+    logits: q softplus(-z) + (1 - q) softplus(z), finite (-> 0) for saturated probabilities."""
+    z = logits.float()
+    q = torch.sigmoid(z)
+    return q * _softplus(-z) + (1 - q) * _softplus(z)
 
 
 def _weight(one_minus_e: Tensor, gamma: float) -> Tensor:

@@ -297,8 +297,7 @@ class SADForObjectDetection(SADPreTrainedModel):
         spatial_shapes = [tuple(f.shape[-2:]) for f in pyramid]
         anchors = self.anchors_for(spatial_shapes, pixel_values.device)
         image_sizes = valid_sizes(pixel_values, pixel_mask, labels)
-        boxes = box_convert(decode_boxes(box_regression.float(), anchors), "xyxy", "cxcywh")
-        pred_boxes = boxes / image_sizes.flip(-1).repeat(1, 2)[:, None, :]
+        pred_boxes = predicted_boxes(box_regression, anchors, image_sizes)
 
         loss = loss_dict = None
         if labels is not None:
@@ -313,6 +312,13 @@ class SADForObjectDetection(SADPreTrainedModel):
             spatial_shapes=torch.tensor(spatial_shapes, dtype=torch.long, device=pixel_values.device),
             image_sizes=image_sizes,
         )
+
+
+def predicted_boxes(box_regression: torch.Tensor, anchors: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    """(B, N, 4) float32 boxes, normalised cx, cy, w, h relative to each image's valid region, from (B, N, 4) deltas
+    on (N, 4) xyxy absolute `anchors` and (B, 2) (height, width) `image_sizes` in pixels."""
+    boxes = box_convert(decode_boxes(box_regression.float(), anchors), "xyxy", "cxcywh")
+    return boxes / image_sizes.flip(-1).repeat(1, 2)[:, None, :]
 
 
 def valid_sizes(

@@ -48,6 +48,7 @@ from .distillation import check_teacher_compatible, load_detector, sad_loss, zer
 from .evaluation import DetectionMetrics, pack_detections, pack_targets
 from .modeling_sad import SADForObjectDetection
 from .reporting import json_safe
+from .teachers import EMATeacher, EMATeacherCallback, SADTeacherEnsemble
 from .training_args import DistillationArguments, SADTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ class SADTrainer(Trainer):
     Args:
         model: the student, a `SADForObjectDetection` or a path / Hub id.
         teacher_model: the frozen teacher, a `SADForObjectDetection` or a path / Hub id (loaded with
-            `from_pretrained`). Not needed with `distill_loss="none"`.
+            `from_pretrained`); or a list of them, an ensemble whose probabilities are combined as
+            `args.teacher_aggregation` says. Not needed with `distill_loss="none"`, and not given with
+            `args.ema_teacher` (the teacher is then an average of the student, `trainer.ema`).
         args: `SADTrainingArguments`.
         train_dataset: labeled data in the transformers detection schema (`image`, `objects` with `bbox` in COCO
             xywh pixels and `category`), a `datasets.Dataset` or `IterableDataset`.
@@ -89,7 +92,7 @@ class SADTrainer(Trainer):
     def __init__(
         self,
         model: SADForObjectDetection | str,
-        teacher_model: SADForObjectDetection | str | None = None,
+        teacher_model: SADForObjectDetection | str | list[SADForObjectDetection | str] | None = None,
         args: SADTrainingArguments | None = None,
         train_dataset: datasets.Dataset | datasets.IterableDataset | None = None,
         unlabeled_dataset: datasets.Dataset | datasets.IterableDataset | None = None,
@@ -104,14 +107,7 @@ class SADTrainer(Trainer):
         if not isinstance(args, SADTrainingArguments):
             raise TypeError(f"args must be SADTrainingArguments, got {type(args).__name__}.")
         model = load_detector(model, "student")
-        teacher = None
-        if args.distill_loss != "none":
-            if teacher_model is None:
-                raise ValueError(
-                    f"distill_loss={args.distill_loss!r} needs a teacher_model (or use distill_loss='none')."
-                )
-            teacher = load_detector(teacher_model, "teacher")
-            check_teacher_compatible(teacher, model)
+        teacher = self._build_teacher(teacher_model, model, args)
         if processing_class is None:
             processing_class = AutoImageProcessor.from_pretrained(model.name_or_path)
 
@@ -121,7 +117,7 @@ class SADTrainer(Trainer):
                                   skip_undecodable=args.skip_bad_labeled_images)
             if unlabeled_dataset is not None:
                 check_unlabeled_dataset(unlabeled_dataset, args)
-            if args.max_steps <= 0 and args.recipe == "paper" and teacher is not None:
+            if args.max_steps <= 0 and args.recipe == "paper" and teacher_model is not None:
                 args.max_steps = 3 * teacher_steps(teacher_model)
             if args.max_steps <= 0:
                 args.max_steps = steps_for_epochs(args, train_dataset, unlabeled_dataset)
@@ -147,20 +143,22 @@ class SADTrainer(Trainer):
             seed=args.seed,
             id2label=model.config.id2label,
             skip_bad_labeled_images=args.skip_bad_labeled_images,
+            student_color_jitter=args.student_color_jitter,
         )
         self.step_guard = SkipBadStepsCallback(args.max_consecutive_nonfinite_steps)
         self.image_counter = SkippedImagesCallback(args.max_skipped_image_fraction, args.min_images_before_skip_check)
-        self.teacher_source = None
-        if teacher is not None:
-            self.teacher_source = teacher_model if isinstance(teacher_model, str) else teacher.name_or_path
-            if self.teacher_source and Path(self.teacher_source).exists():  # one spelling of a local folder
-                self.teacher_source = str(Path(self.teacher_source).resolve())
+        self.teacher_source = teacher_sources(teacher_model, teacher, args)
+        # The mean teacher: a frozen average of the student, never a submodule of it (not in the optimizer).
+        self.ema = EMATeacher(model, args.ema_decay) if args.ema_teacher else None
         self.labeled_batchnorm = LabeledBatchNormCallback()
         # Order matters where two callbacks touch the same step: the labeled-only BatchNorm update comes before a
-        # skipped step restores the statistics, and the run settings are written before a checkpoint is complete.
+        # skipped step restores the statistics, and the run settings and the mean teacher are written before a
+        # checkpoint is complete.
         own_callbacks = [self.labeled_batchnorm, self.step_guard, self.image_counter,
-                         RunSettingsCallback(self.run_settings(args)), CompleteCheckpointCallback(),
-                         SyncBuffersCallback()]
+                         RunSettingsCallback(self.run_settings(args))]
+        if self.ema is not None:
+            own_callbacks.append(EMATeacherCallback(self.ema, model))
+        own_callbacks += [CompleteCheckpointCallback(), SyncBuffersCallback()]
         super().__init__(
             model=model,
             args=args,
@@ -178,6 +176,8 @@ class SADTrainer(Trainer):
         if teacher is not None:
             dtype = args.resolved_teacher_dtype
             self.teacher = teacher.requires_grad_(False).eval().to(device=self.accelerator.device, dtype=dtype)
+        elif self.ema is not None:  # kept in float32: an average of small updates needs the precision
+            self.teacher = self.ema.to(self.accelerator.device).teacher
         # With --torch_compile the Trainer compiles the student; the teacher's forward is compiled the same way.
         self._teacher_call = self.teacher
         if self.teacher is not None and args.torch_compile:
@@ -240,11 +240,42 @@ class SADTrainer(Trainer):
             )
 
     def _teacher_forward(self, inputs: dict[str, Any]):
+        pixel_values = inputs.get("teacher_pixel_values", inputs["pixel_values"])  # without the student's jitter
         with torch.no_grad(), self.accelerator.autocast():
             return self._teacher_call(
-                pixel_values=inputs["pixel_values"].to(next(self.teacher.parameters()).dtype),
+                pixel_values=pixel_values.to(next(self.teacher.parameters()).dtype),
                 pixel_mask=inputs.get("pixel_mask"),
             )
+
+    @staticmethod
+    def _build_teacher(teacher_model, student: SADForObjectDetection, args: SADTrainingArguments):
+        """The frozen teacher of `teacher_model` (one detector, or an ensemble of a list of them), checked against
+        the student; None for supervised training and for the mean teacher (built from the student later)."""
+        if args.ema_teacher:
+            if teacher_model is not None:
+                raise ValueError("ema_teacher=True makes the teacher an average of the student: pass no teacher_model.")
+            if args.distill_loss == "none":
+                raise ValueError("ema_teacher=True needs a distillation loss (distill_loss is 'none').")
+            return None
+        if args.distill_loss == "none":
+            return None
+        if teacher_model is None:
+            raise ValueError(
+                f"distill_loss={args.distill_loss!r} needs a teacher_model (or ema_teacher=True, or distill_loss="
+                "'none')."
+            )
+        if isinstance(teacher_model, (list, tuple)):
+            members = [load_detector(t, f"teacher {i}") for i, t in enumerate(teacher_model)]
+            for i, member in enumerate(members):
+                try:
+                    check_teacher_compatible(member, student)
+                except ValueError as error:
+                    name = teacher_model[i] if isinstance(teacher_model[i], str) else member.name_or_path
+                    raise ValueError(f"Teacher {i} ({name or 'a model object'}): {error}") from error
+            return SADTeacherEnsemble(members, args.teacher_aggregation, args.era_temperature)
+        teacher = load_detector(teacher_model, "teacher")
+        check_teacher_compatible(teacher, student)
+        return teacher
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the means of the loss terms recorded since the last log (from this process's batches) and the
@@ -282,7 +313,11 @@ class SADTrainer(Trainer):
                 raise ValueError(f"{message} Resume with the settings it was trained with, or pass "
                                  "resume_with_changed_settings=True (--resume_with_changed_settings) to continue.")
             logger.warning("%s Continuing with the new settings (resume_with_changed_settings=True).", message)
+        if isinstance(checkpoint, str) and self.ema is not None:
+            self.ema.load(checkpoint)
         result = super().train(checkpoint, *args, **kwargs)
+        if self.args.ema_final_model:
+            self.accelerator.unwrap_model(self.model).load_state_dict(self.ema.teacher.state_dict())
         result.metrics.update(self.robustness_counts())
         return result
 
@@ -402,7 +437,7 @@ class SADTrainer(Trainer):
             id2label=self.model.config.id2label,
             backbone=self.model.config.backbone,
             teacher=self.teacher_source if distilled else None,
-            teacher_backbone=self.teacher.config.backbone if self.teacher is not None else None,
+            teacher_backbone=teacher_backbones(self.teacher),
             datasets=datasets,
             metrics=self._last_metrics("eval_"),
             teacher_metrics=teacher_metrics if teacher_metrics is not None else self._last_metrics("teacher_"),
@@ -488,6 +523,34 @@ class SADTrainer(Trainer):
                 pseudo_label_threshold=args.pseudo_label_threshold, pseudo_box_weight=args.pseudo_box_weight
             )
         return {k: v for k, v in settings.items() if v is not None}
+
+
+def teacher_sources(teacher_model, teacher, args: SADTrainingArguments) -> str | list[str] | None:
+    """What the teacher is, for the model card and the resume check: a path / Hub id (absolute for a local folder),
+    a list of them for an ensemble, a description of the mean teacher, or None."""
+    if args.ema_teacher:
+        return f"exponential moving average of the student (decay {args.ema_decay})"
+    if teacher is None:
+        return None
+    if isinstance(teacher, SADTeacherEnsemble):
+        return [_source(given, member) for given, member in zip(teacher_model, teacher.members)]
+    return _source(teacher_model, teacher)
+
+
+def _source(given, teacher: SADForObjectDetection) -> str:
+    source = given if isinstance(given, str) else teacher.name_or_path
+    if source and Path(source).exists():  # one spelling of a local folder
+        source = str(Path(source).resolve())
+    return source
+
+
+def teacher_backbones(teacher) -> str | None:
+    """The teacher's backbone name(s), comma-separated for an ensemble."""
+    if teacher is None:
+        return None
+    if isinstance(teacher, SADTeacherEnsemble):
+        return ", ".join(member.config.backbone for member in teacher.members)
+    return teacher.config.backbone
 
 
 def paper_schedule(step: int, *, total: int, warmup: int) -> float:

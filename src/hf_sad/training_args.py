@@ -29,6 +29,7 @@ NORMALIZER_ANCHORS = ("all", "distilled")
 PSEUDO_BOX_LOSSES = ("full", "box")
 DISTILL_ENTRIES = ("all", "background")
 RECIPES = ("default", "paper")
+TEACHER_AGGREGATIONS = ("mean", "era")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,6 +90,29 @@ class DistillationArguments:
         unlabeled_updates_batchnorm (`bool`, *optional*, defaults to `True`):
             Whether unlabeled images take part in the BatchNorm running statistics of the student (when its
             BatchNorm is not frozen); `False` updates them from the labeled images of each batch only.
+        teacher_aggregation (`str`, *optional*, defaults to `"mean"`):
+            With several teachers: per anchor and class, the mean of their sigmoid probabilities (`"mean"`), or the
+            mean sharpened as sigmoid(logit(mean) / `era_temperature`) (`"era"`, entropy reduction averaging; see
+            `hf_sad.teachers.aggregate_logits`). Box deltas are averaged.
+        era_temperature (`float`, *optional*, defaults to 0.5):
+            ERA's sharpening temperature: < 1 pushes each aggregated probability away from 0.5 on its own side.
+        ema_teacher (`bool`, *optional*, defaults to `False`):
+            No separate teacher: the teacher is an exponential moving average of the student (mean teacher), updated
+            after every optimizer step and saved in each checkpoint (`ema_teacher.safetensors`), so resuming is exact.
+            Kept in float32 whatever `teacher_dtype` says.
+        ema_decay (`float`, *optional*, defaults to 0.999):
+            The average's decay per optimizer step (an effective window of ~1 / (1 - decay) steps).
+        ema_final_model (`bool`, *optional*, defaults to `False`):
+            At the end of training, replace the student's weights by the average's, so that the saved, evaluated and
+            pushed model is the mean teacher.
+        teacher_confidence_mask (`float`, *optional*):
+            Distil only anchors where the teacher is certain: every class's binary entropy H(q) (nats, at most
+            ln 2 = 0.693) below this threshold (the uncertainty-aware mean teacher's mask, to compare with ADL's
+            weighting). Unset: no mask.
+        student_color_jitter (`float`, *optional*, defaults to 0.0):
+            Strength s of a photometric augmentation seen by the student only: brightness, contrast and saturation
+            each scaled by a factor drawn from [1 - s, 1 + s] per training image, after the flip and scale jitter that
+            both networks share (so anchors still line up). The teacher sees the image without it. 0: off.
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             Dtype of the teacher's weights: `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"` (bfloat16 with
             `--bf16`, float16 with `--fp16`, else float32).
@@ -137,6 +161,24 @@ class DistillationArguments:
     unlabeled_updates_batchnorm: bool = field(
         default=True, metadata={"help": "Let unlabeled images update the student's BatchNorm statistics."}
     )
+    teacher_aggregation: str = field(
+        default="mean",
+        metadata={"help": "How several teachers' probabilities combine.", "choices": list(TEACHER_AGGREGATIONS)},
+    )
+    era_temperature: float = field(default=0.5, metadata={"help": "ERA sharpening temperature (< 1 sharpens)."})
+    ema_teacher: bool = field(
+        default=False, metadata={"help": "The teacher is an exponential moving average of the student (no teacher)."}
+    )
+    ema_decay: float = field(default=0.999, metadata={"help": "Decay of the student average per optimizer step."})
+    ema_final_model: bool = field(
+        default=False, metadata={"help": "Save (and evaluate) the average's weights as the final model."}
+    )
+    teacher_confidence_mask: float | None = field(
+        default=None, metadata={"help": "Distil only anchors whose teacher binary entropy (nats) is below this."}
+    )
+    student_color_jitter: float = field(
+        default=0.0, metadata={"help": "Brightness/contrast/saturation jitter seen by the student only (0: off)."}
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={"help": "Dtype of the teacher's weights.", "choices": [*TEACHER_DTYPES, "auto"]},
@@ -158,6 +200,7 @@ class DistillationArguments:
             "distill_entries": DISTILL_ENTRIES,
             "pseudo_box_loss": PSEUDO_BOX_LOSSES,
             "teacher_dtype": (*TEACHER_DTYPES, "auto"),
+            "teacher_aggregation": TEACHER_AGGREGATIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -165,7 +208,7 @@ class DistillationArguments:
         for name in ("adl_beta", "adl_gamma", "labeled_distill_weight", "unlabeled_distill_weight"):
             if getattr(self, name) < 0:
                 _fail(self, name, "a non-negative number")
-        for name in ("distill_temperature", "normalizer_power"):
+        for name in ("distill_temperature", "normalizer_power", "era_temperature"):
             if getattr(self, name) <= 0:
                 _fail(self, name, "a positive number")
         if not 0 <= self.unlabeled_ratio < 1:
@@ -174,6 +217,14 @@ class DistillationArguments:
             _fail(self, "pseudo_label_threshold", "a score strictly between 0 and 1")
         if not (math.isfinite(self.pseudo_box_weight) and self.pseudo_box_weight >= 0):
             _fail(self, "pseudo_box_weight", "a finite weight >= 0")
+        if not 0 <= self.ema_decay < 1:
+            _fail(self, "ema_decay", "a decay in [0, 1)")
+        if self.ema_final_model and not self.ema_teacher:
+            _fail(self, "ema_final_model", "False unless ema_teacher=True (there is no average to save)")
+        if self.teacher_confidence_mask is not None and not 0 < self.teacher_confidence_mask <= math.log(2):
+            _fail(self, "teacher_confidence_mask", "an entropy in (0, ln 2 = 0.693] nats, or None")
+        if not 0 <= self.student_color_jitter < 1:
+            _fail(self, "student_color_jitter", "a strength in [0, 1)")
 
 
 @dataclass

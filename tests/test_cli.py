@@ -63,6 +63,19 @@ def test_train_distill_predict(tmp_path):
     student = AutoModelForObjectDetection.from_pretrained(student_dir)
     assert student.config.id2label == dict(enumerate(SYNTHETIC_LABELS))
 
+    # Several --teacher values make an ensemble; --ema_teacher needs none.
+    common = ["--student", "resnet18", "--train_data", "synthetic:8", "--eval_data", "synthetic-val:3",
+              "--unlabeled_data", "synthetic", *TINY_MODEL, *TINY_RUN]
+    main(["distill", "--teacher", str(teacher_dir), str(teacher_dir), "--teacher_aggregation", "era",
+          "--output_dir", str(tmp_path / "ensemble"), *common])
+    assert "an ensemble of 2" in (tmp_path / "ensemble" / "README.md").read_text()
+    assert "teacher_map" in json.loads((tmp_path / "ensemble" / "results.json").read_text())
+    main(["distill", "--ema_teacher", "--ema_decay", "0.9", "--output_dir", str(tmp_path / "ema"), *common])
+    assert "moving average of the student" in (tmp_path / "ema" / "README.md").read_text()
+    with pytest.raises(SystemExit, match="pass no --teacher"):
+        main(["distill", "--ema_teacher", "--teacher", str(teacher_dir), "--output_dir", str(tmp_path / "x"),
+              *common])
+
     images = tmp_path / "images"
     images.mkdir()
     for seed in range(3):

@@ -112,7 +112,9 @@ class TeacherArguments:
 
     _argument_group_name = "teacher"
 
-    teacher: str | None = field(default=None, metadata={"help": "The teacher: a saved SAD model (path or Hub id)."})
+    teacher: list[str] | None = field(default=None, metadata={
+        "help": "The teacher: a saved SAD model (path or Hub id); several make an ensemble (--teacher_aggregation). "
+                "None with --ema_teacher (the teacher is then an average of the student)."})
 
 
 def parse(prog: str, description: str, dataclass_types: tuple[type, ...], argv: list[str]) -> argparse.Namespace:
@@ -231,7 +233,7 @@ def run_training(
     data_args: DataArguments,
     model_args: ModelArguments,
     training_args: SADTrainingArguments,
-    teacher: str | None = None,
+    teacher: str | list[str] | None = None,
     unlabeled_args: UnlabeledDataArguments | None = None,
 ) -> dict:
     """Train (supervised with `distill_loss="none"`, else distil), save, evaluate, write results and the model card,
@@ -302,10 +304,15 @@ def distill_main(argv: list[str] | None = None) -> dict:
         (DataArguments, UnlabeledDataArguments, ModelArguments, TeacherArguments, SADTrainingArguments), _argv(argv),
     )
     training_args = from_namespace(SADTrainingArguments, namespace)
-    if training_args.distill_loss != "none" and not namespace.teacher:
-        raise SystemExit("hf-sad distill: error: --teacher is required for distillation (or pass --distill_loss none).")
+    teachers = namespace.teacher or []
+    if training_args.distill_loss != "none" and not teachers and not training_args.ema_teacher:
+        raise SystemExit("hf-sad distill: error: --teacher is required for distillation (or pass --ema_teacher, or "
+                         "--distill_loss none).")
+    if teachers and training_args.ema_teacher:
+        raise SystemExit("hf-sad distill: error: --ema_teacher makes the teacher an average of the student: pass no "
+                         "--teacher.")
     return run_training(from_namespace(DataArguments, namespace), from_namespace(ModelArguments, namespace),
-                        training_args, teacher=namespace.teacher,
+                        training_args, teacher=teachers[0] if len(teachers) == 1 else teachers or None,
                         unlabeled_args=from_namespace(UnlabeledDataArguments, namespace))
 
 

@@ -25,6 +25,8 @@ from common import (
 )
 from torchvision.models.detection.image_list import ImageList
 
+from hf_sad.detection_loss import detection_loss
+
 LR = 0.01
 
 
@@ -115,7 +117,7 @@ def bench_train_step(scale: Scale) -> dict:
 
     def ours_loss():
         anchors = model.anchors_for(spatial_shapes, pixel_values.device)
-        loss, _, _ = model.detection_loss(logits, box_regression, anchors, labels, image_sizes)
+        loss, _, _ = detection_loss(logits, box_regression, anchors, labels, image_sizes, model.config)
         loss.backward()
         logits.grad = box_regression.grad = None
 

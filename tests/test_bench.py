@@ -124,3 +124,12 @@ def test_yolo_context_benchmark(bench_path, tmp_path, monkeypatch):
     result = bench_export.bench_yolo(1, tmp_path, size=64, scale=common.Scale(**TOY))
     assert result["ratio"] > 0 and result["parameters"]["yolo11n"] > 2_000_000
     assert list(tmp_path.glob("*.onnx")) == []  # the export stays in the benchmark's folder
+
+
+def test_detector_benchmarks_time_ours_the_network_and_torchvision(bench_path):
+    """B1 and B3 at a toy size: ours, the network alone and torchvision's RetinaNet, and each breakdown."""
+    common, bench_detector = _load("common"), _load("bench_detector")
+    toy = common.Scale(**TOY)
+    for row in (bench_detector.bench_train_step(toy), bench_detector.bench_inference(toy)):
+        assert set(row["times"]) == {"ours", "network", "reference"}
+        assert row["network"]["ratio"] > 0 and row["ratio"] > 0 and row["breakdown"]["ratio"] > 0

@@ -253,6 +253,9 @@ def test_pipeline_loads_without_prompt_or_error_log(tiny_model, tmp_path):
     assert "custom code" not in output and "not supported" not in output, output[-3000:]
 
 
+TINY_CLIP = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
 @pytest.mark.parametrize(
     ("backbone", "kwargs", "stride"),
     [("resnet18", {}, 32), ("vit_tiny_patch16_224", {"backbone_kwargs": {"dynamic_img_size": True}}, 16)],
@@ -277,6 +280,8 @@ def test_the_processor_pads_to_what_the_network_needs(backbone, kwargs, stride):
         ("efficientnet_b0", {}),
         ("mobilenetv3_small_050", {}),
         ("vit_tiny_patch16_224", {"backbone_kwargs": {"dynamic_img_size": True}}),
+        # A CLIP image tower (timm's *_clip_* ViTs) at a tiny width and depth, with the simple feature pyramid.
+        ("vit_base_patch16_clip_224", {"backbone_kwargs": {"dynamic_img_size": True, **TINY_CLIP}}),
     ],
 )
 def test_backbone_families_train_and_round_trip(backbone, kwargs, tmp_path):

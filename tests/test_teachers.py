@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_sad.collator import SADDataCollator
-from hf_sad.distillation import sad_loss
+from hf_sad.distillation import renormalize, sad_loss, teacher_input_transform
 from hf_sad.losses import binary_entropy
 from hf_sad.synthetic import make_unlabeled_stream
 from hf_sad.teachers import (
@@ -24,7 +24,7 @@ from hf_sad.teachers import (
 from hf_sad.trainer import SADTrainer
 from hf_sad.training_args import DistillationArguments
 
-from .utils import IMAGE_SIZE, StopAt, make_args, student_and_teacher, tiny_detector
+from .utils import IMAGE_SIZE, StopAt, make_args, save_detector, student_and_teacher, tiny_detector
 
 # float32 sigmoid/log/exp are accurate to a few ulps; the aggregation chains ~6 of them.
 PROB_ATOL = 32 * torch.finfo(torch.float32).eps
@@ -236,5 +236,33 @@ def test_student_color_jitter_changes_only_the_students_pixels(tmp_path, labeled
                                               with_kwargs=True)
     trainer._teacher_forward(jittered)
     assert torch.equal(seen[0], jittered["teacher_pixel_values"])
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_a_teacher_normalising_otherwise_sees_the_students_pixels_in_its_own_normalisation(tmp_path, labeled):
+    """A CLIP-tower teacher (CLIP's mean and std) and an ImageNet-normalised ResNet student: the teacher gets what its
+    own processor would give for the same image."""
+    student, processor = tiny_detector()
+    teacher, teacher_processor = tiny_detector(
+        seed=1, backbone="vit_base_patch16_clip_224",
+        backbone_kwargs={"dynamic_img_size": True, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    assert teacher_processor.image_mean != processor.image_mean  # CLIP's statistics, from timm
+    image = torch.randint(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    as_student = processor(images=[image], return_tensors="pt")["pixel_values"]
+    as_teacher = teacher_processor(images=[image], return_tensors="pt")["pixel_values"]
+    transform = teacher_input_transform(processor, teacher_processor)
+    # float32 affine maps of values O(2): a few ulps.
+    torch.testing.assert_close(renormalize(as_student, transform), as_teacher, atol=1e-5, rtol=1e-5)
+    assert teacher_input_transform(processor, processor) is None
+
+    folder = save_detector((teacher, teacher_processor), tmp_path / "clip-teacher")
+    trainer = SADTrainer(student, str(folder), make_args(tmp_path, distill_loss="adl"), labeled,
+                         make_unlabeled_stream(image_size=IMAGE_SIZE), processing_class=processor)
+    seen = []
+    trainer.teacher.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["pixel_values"]),
+                                              with_kwargs=True)
+    trainer._teacher_forward({"pixel_values": as_student}, None)
+    torch.testing.assert_close(seen[0], as_teacher, atol=1e-5, rtol=1e-5)
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])

@@ -32,7 +32,17 @@ from .losses import adaptive_distillation_loss, binary_entropy, focal_distillati
 from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput
 from .training_args import DistillationArguments
 
-__all__ = ["SADLossOutput", "check_teacher_compatible", "hard_pseudo_labels", "load_detector", "sad_loss", "zero_loss"]
+__all__ = [
+    "SADLossOutput",
+    "check_teacher_compatible",
+    "hard_pseudo_labels",
+    "load_detector",
+    "renormalize",
+    "sad_loss",
+    "saved_image_processor",
+    "teacher_input_transform",
+    "zero_loss",
+]
 
 
 @dataclass
@@ -89,6 +99,48 @@ def check_teacher_compatible(teacher: SADForObjectDetection, student: SADForObje
             + "\n  - ".join(diffs)
             + "\nBuild the student with the teacher's levels, anchors and id2label."
         )
+
+
+def teacher_input_transform(student_processor, teacher_processor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(scale, shift)`, each (3, 1, 1) float32, that turn pixel values normalised by `student_processor` into those
+    `teacher_processor` would give for the same image (`x_teacher = x_student * scale + shift`); None when the two
+    rescale and normalise alike (or either is unknown), e.g. an ImageNet-normalised student and a CLIP teacher."""
+    if student_processor is None or teacher_processor is None:
+        return None
+
+    def affine(processor) -> tuple[torch.Tensor, torch.Tensor]:  # pixel_values = raw * a + b, raw in 0..255
+        rescale = processor.rescale_factor if processor.do_rescale else 1.0
+        mean = torch.tensor(processor.image_mean if processor.do_normalize else [0.0] * 3, dtype=torch.float64)
+        std = torch.tensor(processor.image_std if processor.do_normalize else [1.0] * 3, dtype=torch.float64)
+        return rescale / std, -mean / std
+
+    a_student, b_student = affine(student_processor)
+    a_teacher, b_teacher = affine(teacher_processor)
+    scale = a_teacher / a_student
+    shift = b_teacher - b_student * scale
+    if torch.allclose(scale, torch.ones_like(scale)) and torch.allclose(shift, torch.zeros_like(shift)):
+        return None
+    return scale.float()[:, None, None], shift.float()[:, None, None]
+
+
+def renormalize(pixel_values: torch.Tensor, transform: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """(B, 3, H, W) pixel values through `teacher_input_transform`'s `(scale, shift)`; unchanged for None."""
+    if transform is None:
+        return pixel_values
+    scale, shift = transform
+    return pixel_values * scale.to(pixel_values) + shift.to(pixel_values)
+
+
+def saved_image_processor(teacher) -> SADImageProcessor | None:
+    """The image processor saved with a teacher (given as a path / Hub id, or a model loaded from one); None when
+    there is none, e.g. a model built in memory (its inputs are then assumed normalised as the student's)."""
+    source = teacher if isinstance(teacher, str) else getattr(teacher, "name_or_path", "")
+    if not source:
+        return None
+    try:
+        return SADImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
 
 
 def hard_pseudo_labels(
@@ -157,9 +209,9 @@ def sad_loss(
 
     pseudo = {}
     if unlabeled:
-        rows = SADObjectDetectionOutput(
-            logits=teacher_outputs.logits[unlabeled], pred_boxes=teacher_outputs.pred_boxes[unlabeled]
-        )
+        # A teacher that predicts a set of boxes (a transformers detector) gives its pseudo-boxes from that set.
+        source = teacher_outputs.detections() if hasattr(teacher_outputs, "detections") else teacher_outputs
+        rows = SADObjectDetectionOutput(logits=source.logits[unlabeled], pred_boxes=source.pred_boxes[unlabeled])
         pseudo = dict(zip(unlabeled, hard_pseudo_labels(rows, processor, args.pseudo_label_threshold)))
         metrics["pseudo_boxes_per_image"] = torch.tensor(sum(len(p["boxes"]) for p in pseudo.values()) / len(pseudo))
         if args.drop_unlabeled_without_pseudo_boxes:  # as the released loader, which cannot load them

@@ -49,14 +49,16 @@ def detect(
     batch_size: int = 8,
 ) -> list[dict[str, torch.Tensor]]:
     """Detections per image, on the CPU: `{"scores" (k,), "labels" (k,) int64, "boxes" (k, 4) xyxy absolute pixels of
-    the image}`, scores above `threshold`. The model runs on its own device."""
+    the image}`, scores above `threshold`. The model runs on its own device, with channels-last images (12-16% faster
+    on the CPU than contiguous ones in bench/ B12, with the weights channels-last too)."""
     model.eval()
     device = next(model.parameters()).device
     results = []
     for start in range(0, len(images), batch_size):
         chunk = [image.convert("RGB") for image in images[start : start + batch_size]]
         inputs = processor(images=chunk, return_tensors="pt").to(device)
-        outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+        pixel_values = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
+        outputs = model(pixel_values=pixel_values, pixel_mask=inputs["pixel_mask"])
         sizes = [(image.height, image.width) for image in chunk]
         results += processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes)
     return [{k: v.cpu() for k, v in r.items()} for r in results]
@@ -193,7 +195,7 @@ def predict_images(
             processor = processor or AutoImageProcessor.from_pretrained(model)
             model = AutoModelForObjectDetection.from_pretrained(model)
         processor = processor or AutoImageProcessor.from_pretrained(model.name_or_path)
-        model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), memory_format=torch.channels_last)
         id2label = model.config.id2label
 
         def run(images: list[Image.Image]) -> list[dict[str, torch.Tensor]]:

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .detection_loss import detection_loss
+from .distillation import renormalize
 from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput, predicted_boxes
 from .training_args import TEACHER_AGGREGATIONS
 
@@ -100,13 +101,21 @@ class SADTeacherEnsemble(nn.Module):
         teachers: the members (`SADForObjectDetection`, compatible with each other and with the student).
         aggregation: `"mean"` or `"era"` (see `aggregate_logits`).
         temperature: ERA's sharpening temperature.
+        input_transforms: per member, `(scale, shift)` turning the given pixel values into the member's own
+            normalisation (`hf_sad.distillation.teacher_input_transform`), or None to use them as they are.
 
     Its forward takes a detector's inputs and returns a `SADEnsembleOutput`: `logits` aggregated, `box_regression` the
     members' mean deltas on the shared anchors and `pred_boxes` decoded from them; with `labels`, the supervised loss
     of that output (for evaluation).
     """
 
-    def __init__(self, teachers: Sequence[SADForObjectDetection], aggregation: str = "mean", temperature: float = 1.0):
+    def __init__(
+        self,
+        teachers: Sequence[SADForObjectDetection],
+        aggregation: str = "mean",
+        temperature: float = 1.0,
+        input_transforms: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    ):
         super().__init__()
         if len(teachers) < 2:
             raise ValueError(f"An ensemble needs at least two teachers, got {len(teachers)}.")
@@ -116,6 +125,7 @@ class SADTeacherEnsemble(nn.Module):
             raise ValueError(f"The ERA temperature must be positive, got {temperature}.")
         self.members = nn.ModuleList(teachers)
         self.aggregation, self.temperature = aggregation, temperature
+        self.input_transforms = list(input_transforms or [None] * len(teachers))
 
     @property
     def config(self):
@@ -128,7 +138,10 @@ class SADTeacherEnsemble(nn.Module):
         pixel_mask: torch.Tensor | None = None,
         labels: list[dict[str, torch.Tensor]] | None = None,
     ) -> SADEnsembleOutput:
-        outputs = [member(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels) for member in self.members]
+        outputs = [
+            member(pixel_values=renormalize(pixel_values, transform), pixel_mask=pixel_mask, labels=labels)
+            for member, transform in zip(self.members, self.input_transforms)
+        ]
         member_logits = torch.stack([o.logits for o in outputs])
         logits = aggregate_logits(member_logits, self.aggregation, self.temperature)
         box_regression = torch.stack([o.box_regression.float() for o in outputs]).mean(0)

@@ -44,12 +44,21 @@ from .data import (
     check_unlabeled_dataset,
     with_model_categories,
 )
-from .distillation import check_teacher_compatible, load_detector, sad_loss, zero_loss
+from .distillation import (
+    check_teacher_compatible,
+    load_detector,
+    renormalize,
+    sad_loss,
+    saved_image_processor,
+    teacher_input_transform,
+    zero_loss,
+)
 from .evaluation import DetectionMetrics, pack_detections, pack_targets
 from .modeling_sad import SADForObjectDetection
 from .reporting import json_safe
 from .teachers import EMATeacher, EMATeacherCallback, SADTeacherEnsemble
 from .training_args import DistillationArguments, SADTrainingArguments
+from .transformers_teacher import TransformersDetectorTeacher, is_sad_source, load_transformers_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +83,11 @@ class SADTrainer(Trainer):
     Args:
         model: the student, a `SADForObjectDetection` or a path / Hub id.
         teacher_model: the frozen teacher, a `SADForObjectDetection` or a path / Hub id (loaded with
-            `from_pretrained`); or a list of them, an ensemble whose probabilities are combined as
-            `args.teacher_aggregation` says. Not needed with `distill_loss="none"`, and not given with
-            `args.ema_teacher` (the teacher is then an average of the student, `trainer.ema`).
+            `from_pretrained`), or any transformers object detector (DETR family, OWL-ViT / OWLv2: its boxes become
+            soft targets on the student's anchors, `TransformersDetectorTeacher`); or a list of hf-sad detectors,
+            an ensemble whose probabilities are combined as `args.teacher_aggregation` says. Not needed with
+            `distill_loss="none"`, and not given with `args.ema_teacher` (the teacher is then an average of the
+            student, `trainer.ema`).
         args: `SADTrainingArguments`.
         train_dataset: labeled data in the transformers detection schema (`image`, `objects` with `bbox` in COCO
             xywh pixels and `category`), a `datasets.Dataset` or `IterableDataset`.
@@ -84,6 +95,10 @@ class SADTrainer(Trainer):
         eval_dataset: labeled data in the same schema; evaluation reports COCO mAP.
         processing_class: the student's `SADImageProcessor` (default: loaded from the student's folder). Its
             post-processing settings are used for evaluation and for the teacher's pseudo-boxes.
+        teacher_processor: the teacher's processor, where it is not saved with the teacher: a transformers detector
+            of another kind needs one (see `hf_sad.transformers_teacher`); for an hf-sad teacher it says how the
+            teacher normalises its inputs (the student's pixels are renormalised when that differs, e.g. a CLIP
+            tower's mean and std; without a processor, the student's normalisation is assumed).
     """
 
     _tag_names = ["hf-sad", "object-detection", "knowledge-distillation"]
@@ -101,15 +116,22 @@ class SADTrainer(Trainer):
         compute_metrics=None,
         callbacks=None,
         optimizers=(None, None),
+        teacher_processor=None,
         **kwargs,
     ):
         args = args or SADTrainingArguments(output_dir="sad-student")
         if not isinstance(args, SADTrainingArguments):
             raise TypeError(f"args must be SADTrainingArguments, got {type(args).__name__}.")
         model = load_detector(model, "student")
-        teacher = self._build_teacher(teacher_model, model, args)
         if processing_class is None:
             processing_class = AutoImageProcessor.from_pretrained(model.name_or_path)
+        teacher = self._build_teacher(teacher_model, model, args, processing_class, teacher_processor)
+        # A teacher normalising its inputs otherwise (e.g. a CLIP tower's mean and std) gets the student's pixels
+        # renormalised in `_teacher_forward` (an ensemble does this per member).
+        teacher_input = None
+        if isinstance(teacher, SADForObjectDetection):
+            teacher_input = teacher_input_transform(
+                processing_class, teacher_processor or saved_image_processor(teacher_model))
 
         if train_dataset is not None:
             category_map = category_mapping(train_dataset, model.config.id2label, "train_dataset")
@@ -178,9 +200,12 @@ class SADTrainer(Trainer):
             self.teacher = teacher.requires_grad_(False).eval().to(device=self.accelerator.device, dtype=dtype)
         elif self.ema is not None:  # kept in float32: an average of small updates needs the precision
             self.teacher = self.ema.to(self.accelerator.device).teacher
-        # With --torch_compile the Trainer compiles the student; the teacher's forward is compiled the same way.
+        self._teacher_input = teacher_input
+        # With --torch_compile the Trainer compiles the student; the teacher's forward is compiled the same way (a
+        # transformers teacher's forward runs its image processor in Python: left eager).
         self._teacher_call = self.teacher
-        if self.teacher is not None and args.torch_compile:
+        if self.teacher is not None and args.torch_compile and not isinstance(self.teacher,
+                                                                              TransformersDetectorTeacher):
             self._teacher_call = torch.compile(self.teacher, backend=args.torch_compile_backend,
                                                mode=args.torch_compile_mode)
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -211,7 +236,7 @@ class SADTrainer(Trainer):
         else:
             teacher_outputs = None
             if self.teacher is not None and model.training:
-                teacher_outputs = self._teacher_forward(inputs)
+                teacher_outputs = self._teacher_forward(inputs, outputs)
             result = sad_loss(detector.config, outputs, teacher_outputs, inputs["labels"], inputs["is_labeled"],
                               self.args, self.processing_class)
             loss, terms = result.loss, result.metrics
@@ -239,18 +264,28 @@ class SADTrainer(Trainer):
                 self.args.pseudo_label_threshold, self._pseudo_box_drought[1], self._pseudo_box_drought[0],
             )
 
-    def _teacher_forward(self, inputs: dict[str, Any]):
-        pixel_values = inputs.get("teacher_pixel_values", inputs["pixel_values"])  # without the student's jitter
+    def _teacher_forward(self, inputs: dict[str, Any], student_outputs, labels=None):
+        """The teacher's output on the batch (its pixels without the student's jitter); a transformers teacher gets
+        the student's anchors and valid image sizes to put its boxes on."""
+        pixel_values = renormalize(inputs.get("teacher_pixel_values", inputs["pixel_values"]), self._teacher_input)
+        extra = {}
+        if isinstance(self.teacher, TransformersDetectorTeacher):
+            extra = {"anchors": student_outputs.anchors, "image_sizes": student_outputs.image_sizes}
+        if labels is not None:
+            extra["labels"] = labels
         with torch.no_grad(), self.accelerator.autocast():
             return self._teacher_call(
                 pixel_values=pixel_values.to(next(self.teacher.parameters()).dtype),
                 pixel_mask=inputs.get("pixel_mask"),
+                **extra,
             )
 
     @staticmethod
-    def _build_teacher(teacher_model, student: SADForObjectDetection, args: SADTrainingArguments):
-        """The frozen teacher of `teacher_model` (one detector, or an ensemble of a list of them), checked against
-        the student; None for supervised training and for the mean teacher (built from the student later)."""
+    def _build_teacher(teacher_model, student: SADForObjectDetection, args: SADTrainingArguments,
+                       student_processor, teacher_processor=None):
+        """The frozen teacher of `teacher_model` (one detector, an ensemble of a list of them, or a transformers
+        detector of another kind behind `TransformersDetectorTeacher`), checked against the student; None for
+        supervised training and for the mean teacher (built from the student later)."""
         if args.ema_teacher:
             if teacher_model is not None:
                 raise ValueError("ema_teacher=True makes the teacher an average of the student: pass no teacher_model.")
@@ -272,7 +307,12 @@ class SADTrainer(Trainer):
                 except ValueError as error:
                     name = teacher_model[i] if isinstance(teacher_model[i], str) else member.name_or_path
                     raise ValueError(f"Teacher {i} ({name or 'a model object'}): {error}") from error
-            return SADTeacherEnsemble(members, args.teacher_aggregation, args.era_temperature)
+            transforms = [teacher_input_transform(student_processor, saved_image_processor(t)) for t in teacher_model]
+            return SADTeacherEnsemble(members, args.teacher_aggregation, args.era_temperature, transforms)
+        if not is_sad_source(teacher_model):
+            model = load_transformers_teacher(teacher_model) if isinstance(teacher_model, str) else teacher_model
+            return TransformersDetectorTeacher(model, teacher_processor, student.config, student_processor,
+                                               label_map=args.resolved_teacher_label_map)
         teacher = load_detector(teacher_model, "teacher")
         check_teacher_compatible(teacher, student)
         return teacher
@@ -342,14 +382,20 @@ class SADTrainer(Trainer):
         with the processor's post-processing settings)."""
         labels = inputs["labels"]
         pixel_values, pixel_mask = inputs["pixel_values"], inputs.get("pixel_mask")
-        if self._evaluating_teacher:
-            model, pixel_values = self.teacher, pixel_values.to(next(self.teacher.parameters()).dtype)
         with torch.no_grad(), self.accelerator.autocast():
-            outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+            if self._evaluating_teacher:
+                # A transformers teacher puts its boxes on the student's anchors: the student's output gives them.
+                student_outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask) if isinstance(
+                    self.teacher, TransformersDetectorTeacher) else None
+                outputs = self._teacher_forward(inputs, student_outputs, labels=labels)
+            else:
+                outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
         loss = outputs.loss.detach()
         if prediction_loss_only:
             return loss, None, None
         original_sizes = torch.stack([t["orig_size"] for t in labels])
+        if hasattr(outputs, "detections"):  # a transformers teacher: its own set of boxes
+            outputs = outputs.detections()
         detections = self.processing_class.post_process_object_detection(
             outputs, threshold=None, target_sizes=original_sizes
         )
@@ -550,6 +596,8 @@ def teacher_backbones(teacher) -> str | None:
         return None
     if isinstance(teacher, SADTeacherEnsemble):
         return ", ".join(member.config.backbone for member in teacher.members)
+    if isinstance(teacher, TransformersDetectorTeacher):
+        return f"{type(teacher.model).__name__} ({teacher.model_type})"
     return teacher.config.backbone
 
 

@@ -12,6 +12,7 @@ are collected in reverse method resolution order, so they come first in `--help`
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -113,6 +114,10 @@ class DistillationArguments:
             Strength s of a photometric augmentation seen by the student only: brightness, contrast and saturation
             each scaled by a factor drawn from [1 - s, 1 + s] per training image, after the flip and scale jitter that
             both networks share (so anchors still line up). The teacher sees the image without it. 0: off.
+        teacher_label_map (`dict[str, str]` or `str`, *optional*):
+            For a teacher that is a transformers detector of another kind: student class name -> the teacher's class
+            name (or, for OWL-ViT / OWLv2, the text query), where they differ; a JSON object on the command line.
+            Student classes map to the teacher's classes of the same name otherwise.
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
             Dtype of the teacher's weights: `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"` (bfloat16 with
             `--bf16`, float16 with `--fp16`, else float32).
@@ -179,6 +184,9 @@ class DistillationArguments:
     student_color_jitter: float = field(
         default=0.0, metadata={"help": "Brightness/contrast/saturation jitter seen by the student only (0: off)."}
     )
+    teacher_label_map: dict | str | None = field(
+        default=None, metadata={"help": "JSON object: student class name -> teacher class name (or text query)."}
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={"help": "Dtype of the teacher's weights.", "choices": [*TEACHER_DTYPES, "auto"]},
@@ -225,6 +233,19 @@ class DistillationArguments:
             _fail(self, "teacher_confidence_mask", "an entropy in (0, ln 2 = 0.693] nats, or None")
         if not 0 <= self.student_color_jitter < 1:
             _fail(self, "student_color_jitter", "a strength in [0, 1)")
+        try:
+            label_map = self.resolved_teacher_label_map
+        except json.JSONDecodeError:
+            label_map = None
+        if label_map is not None and not (isinstance(label_map, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in label_map.items())):
+            _fail(self, "teacher_label_map", 'a mapping of class names to names, e.g. {"person": "pedestrian"}')
+
+    @property
+    def resolved_teacher_label_map(self) -> dict[str, str] | None:
+        """`teacher_label_map`, a JSON string parsed."""
+        value = self.teacher_label_map
+        return json.loads(value) if isinstance(value, str) else value
 
 
 @dataclass

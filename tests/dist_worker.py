@@ -6,7 +6,8 @@
 `distill` runs the real `hf_sad.cli.distill_main` (what `scripts/distill.py` runs) with `SADTrainer` swapped for a
 subclass that only records, per rank, into RECORD_DIR/rank<k>.json: the world size (torch.distributed and
 TrainingArguments), a hash of every image the data collator received (unlabeled and labeled apart), hashes of the
-student's parameters and buffers after training, and of the buffers each evaluation during training ran with.
+student's parameters and buffers after training (and of the mean teacher with `--ema_teacher`), and of the buffers
+each evaluation during training ran with.
 `evaluate` runs `SADTrainer.evaluate` on a saved model and records the metrics and, per evaluated image, the ground
 truth and the number of detections that reached `compute_metrics`.
 """
@@ -107,6 +108,8 @@ class RecordingSADTrainer(SADTrainer):
             "parameters": tensors_hash(dict(student.named_parameters())),
             "buffers": tensors_hash(dict(student.named_buffers())),
             "eval_buffers": self.eval_buffers,
+            "ema": tensors_hash(self.ema.state_dict()) if self.ema is not None else None,
+            "ema_updates": int(self.ema.n_averaged) if self.ema is not None else None,
         })
         return result
 

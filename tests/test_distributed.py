@@ -129,6 +129,27 @@ def test_distill_script_on_two_processes_reads_disjoint_data_and_keeps_ranks_in_
     assert "eval_map" in results and results["train_loss"] > 0
 
 
+def test_mean_teacher_on_two_processes_is_updated_once_per_step_and_identical_on_both(workspace):
+    root = workspace["root"]
+    record_dir = root / "ema-records"
+    record_dir.mkdir()
+    output = torchrun(
+        2, "distill", str(record_dir),
+        "--ema_teacher", "--ema_decay", "0.5", "--pseudo_label_threshold", "0.01",
+        "--student", "resnet18", "--image_size", "64", *TINY_FLAGS,
+        "--train_data", "synthetic:8", "--synthetic_image_size", "64",
+        "--unlabeled_data", str(workspace["unlabeled"]),
+        "--output_dir", str(root / "ema-out"), "--max_steps", "3", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--save_strategy", "no",
+        "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+        "--dataloader_num_workers", "0", "--use_cpu",
+    )
+    ranks = read_records(record_dir, 2)
+    assert all(record["world_size"] == 2 for record in ranks), output[-3000:]
+    assert [record["ema_updates"] for record in ranks] == [3, 3]  # per optimizer step, not per micro-batch
+    assert ranks[0]["ema"] == ranks[1]["ema"] and ranks[0]["parameters"] == ranks[1]["parameters"]
+
+
 def pseudo_labeled_eval_set(model_dir: Path, folder: Path, num_images: int = 5) -> Path:
     """`num_images` synthetic images whose ground truth is part of the fixed model's own detections, saved to disk.
 

@@ -253,7 +253,7 @@ def test_pipeline_loads_without_prompt_or_error_log(tiny_model, tmp_path):
     assert "custom code" not in output and "not supported" not in output, output[-3000:]
 
 
-TINY_CLIP = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+TINY_CLIP = {"embed_dim": 32, "depth": 3, "num_heads": 2}  # timm's features_only ViT takes its last 3 blocks
 
 
 @pytest.mark.parametrize(

@@ -234,7 +234,7 @@ def test_student_color_jitter_changes_only_the_students_pixels(tmp_path, labeled
     seen = []
     trainer.teacher.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["pixel_values"]),
                                               with_kwargs=True)
-    trainer._teacher_forward(jittered)
+    trainer._teacher_forward(jittered, None)
     assert torch.equal(seen[0], jittered["teacher_pixel_values"])
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
@@ -246,7 +246,7 @@ def test_a_teacher_normalising_otherwise_sees_the_students_pixels_in_its_own_nor
     student, processor = tiny_detector()
     teacher, teacher_processor = tiny_detector(
         seed=1, backbone="vit_base_patch16_clip_224",
-        backbone_kwargs={"dynamic_img_size": True, "embed_dim": 32, "depth": 1, "num_heads": 2})
+        backbone_kwargs={"dynamic_img_size": True, "embed_dim": 32, "depth": 3, "num_heads": 2})
     assert teacher_processor.image_mean != processor.image_mean  # CLIP's statistics, from timm
     image = torch.randint(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
     as_student = processor(images=[image], return_tensors="pt")["pixel_values"]

@@ -268,6 +268,6 @@ def test_oracle_teacher_on_unlabeled_images_trains_as_well_as_their_labels(tmp_p
                                  processing_class=processor, teacher_processor=plain)
         trainer.train()
         results[name] = trainer.evaluate()["eval_map"]
-    assert results["supervised"] > 0.05, results  # the task is learned at all
-    assert results["oracle"] >= results["supervised"] - 0.05, results
+    assert results["supervised"] > 0.02, results  # the task is learned at all (a fresh student scores ~0.001)
+    assert results["oracle"] >= results["supervised"] - 0.01, results  # at least as well, up to run noise
     assert np.isfinite(list(results.values())).all()

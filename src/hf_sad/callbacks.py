@@ -460,6 +460,15 @@ def resolve_resume_checkpoint(value: str | bool | Path | None, output_dir: str |
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every process rank 0's buffers of `module` (a no-op outside a multi-process run)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() > 1:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
 class SyncBuffersCallback(TrainerCallback):
     """Gives every process rank 0's buffers (BatchNorm running statistics) before an evaluation during training and
     at the end of training.
@@ -471,11 +480,8 @@ class SyncBuffersCallback(TrainerCallback):
 
     @staticmethod
     def _sync(model: nn.Module | None) -> None:
-        if model is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        if torch.distributed.get_world_size() > 1:
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer.data, src=0)
+        if model is not None:
+            broadcast_buffers(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if control.should_evaluate:

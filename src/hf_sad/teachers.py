@@ -7,8 +7,8 @@ the ignore band work unchanged.
   probabilities are averaged (`"mean"`), or averaged and sharpened (`"era"`, the entropy reduction averaging of
   distillation-based semi-supervised federated learning, DS-FL). Their box deltas are averaged.
 - `EMATeacher`: an exponential moving average of the student's weights and BatchNorm statistics
-  (`torch.optim.swa_utils.AveragedModel`), updated after every optimizer step by `EMATeacherCallback`, as in mean
-  teacher / self-ensembling methods.
+  (`torch.optim.swa_utils.AveragedModel`), updated at the end of every optimizer step by `EMATeacherCallback`, as in
+  mean teacher / self-ensembling methods.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .callbacks import broadcast_buffers
 from .detection_loss import detection_loss
 from .distillation import renormalize
 from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput, predicted_boxes
@@ -205,14 +206,20 @@ class EMATeacher(AveragedModel):
 
 
 class EMATeacherCallback(TrainerCallback):
-    """Updates the mean teacher after every optimizer step (once per accumulated step; on every process, from the
-    weights DDP keeps identical) and writes it into each checkpoint before the checkpoint is marked complete."""
+    """Updates the mean teacher at the end of every optimizer step (once per accumulated step) and writes it into
+    each checkpoint before the checkpoint is marked complete.
+
+    Every process updates its own copy: the weights are identical (DDP averages the gradients), but each process's
+    BatchNorm statistics come from its own batches, so the average's buffers are then made rank 0's everywhere (the
+    statistics DDP gives every process at the next forward, and those of the student that rank 0 saves).
+    """
 
     def __init__(self, ema: EMATeacher, student: nn.Module):
         self.ema, self.student = ema, student
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
         self.ema.update_parameters(self.student)
+        broadcast_buffers(self.ema)
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:

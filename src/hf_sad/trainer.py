@@ -177,10 +177,10 @@ class SADTrainer(Trainer):
         # skipped step restores the statistics, and the run settings and the mean teacher are written before a
         # checkpoint is complete.
         own_callbacks = [self.labeled_batchnorm, self.step_guard, self.image_counter,
-                         RunSettingsCallback(self.run_settings(args))]
+                         RunSettingsCallback(self.run_settings(args)), SyncBuffersCallback()]
         if self.ema is not None:
             own_callbacks.append(EMATeacherCallback(self.ema, model))
-        own_callbacks += [CompleteCheckpointCallback(), SyncBuffersCallback()]
+        own_callbacks.append(CompleteCheckpointCallback())
         super().__init__(
             model=model,
             args=args,

@@ -596,8 +596,8 @@ def teacher_backbones(teacher) -> str | None:
         return None
     if isinstance(teacher, SADTeacherEnsemble):
         return ", ".join(member.config.backbone for member in teacher.members)
-    if isinstance(teacher, TransformersDetectorTeacher):
-        return f"{type(teacher.model).__name__} ({teacher.model_type})"
+    if isinstance(teacher, TransformersDetectorTeacher):  # e.g. DETR's "resnet50"; OWL-ViT has no separate one
+        return getattr(teacher.config, "backbone", None) or teacher.model_type
     return teacher.config.backbone
 
 

@@ -131,11 +131,17 @@ def default_processor(model: nn.Module, processor=None):
             f"The {model_type} teacher has no saved processor (it needs a tokenizer for the class-name queries): pass "
             "teacher_processor, e.g. AutoProcessor.from_pretrained of its checkpoint."
         )
+    # transformers' table of image processor class names per model type: a name, a (slow, fast) pair, or by backend.
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
-    name = names if isinstance(names, str) else next((n for n in names or () if n), None)
-    if name is None:
-        raise ValueError(f"No default image processor is known for a {model_type} teacher: pass teacher_processor.")
-    return get_image_processor_class_from_name(name)()
+    if isinstance(names, dict):
+        names = [names.get("torchvision"), *names.values()]
+    elif isinstance(names, str):
+        names = [names]
+    for name in names or ():
+        image_processor = get_image_processor_class_from_name(name) if name else None
+        if image_processor is not None:
+            return image_processor()
+    raise ValueError(f"No default image processor is known for a {model_type} teacher: pass teacher_processor.")
 
 
 def teacher_probabilities(logits: torch.Tensor, num_labels: int, open_vocabulary: bool) -> torch.Tensor:

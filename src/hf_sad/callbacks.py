@@ -42,7 +42,9 @@ __all__ = [
     "SkippedImagesCallback",
     "SyncBuffersCallback",
     "TrainingStopped",
+    "broadcast_buffers",
     "changed_run_settings",
+    "checkpoint_folder",
     "checkpoint_problems",
     "get_last_complete_checkpoint",
     "resolve_resume_checkpoint",
@@ -54,6 +56,11 @@ RUN_SETTINGS = "run_settings.json"
 INCOMPLETE_SUFFIX = ".incomplete"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
+
+
+def checkpoint_folder(args, state) -> Path:
+    """The folder transformers writes the checkpoint of `state.global_step` into (`output_dir/checkpoint-N`)."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
 
 class TrainingStopped(RuntimeError):
@@ -328,7 +335,8 @@ class CompleteCheckpointCallback(TrainerCallback):
         self._pending: Path | None = None
 
     def _marker(self, args, state) -> Path:
-        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}{INCOMPLETE_SUFFIX}"
+        folder = checkpoint_folder(args, state)
+        return folder.with_name(folder.name + INCOMPLETE_SUFFIX)
 
     def _begin(self, args, state) -> None:
         if args.should_save:
@@ -376,8 +384,8 @@ class RunSettingsCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            (folder / RUN_SETTINGS).write_text(json.dumps(self.settings, indent=2, sort_keys=True))
+            settings = json.dumps(self.settings, indent=2, sort_keys=True)
+            (checkpoint_folder(args, state) / RUN_SETTINGS).write_text(settings)
 
 
 def changed_run_settings(checkpoint: str | Path, settings: dict[str, Any]) -> list[str]:

@@ -24,9 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .callbacks import broadcast_buffers
+from .callbacks import broadcast_buffers, checkpoint_folder
 from .detection_loss import detection_loss
 from .distillation import renormalize
 from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput, predicted_boxes
@@ -223,4 +222,4 @@ class EMATeacherCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            self.ema.save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self.ema.save(checkpoint_folder(args, state))

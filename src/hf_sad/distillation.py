@@ -37,6 +37,7 @@ __all__ = [
     "check_teacher_compatible",
     "hard_pseudo_labels",
     "load_detector",
+    "normalization_affine",
     "renormalize",
     "sad_loss",
     "saved_image_processor",
@@ -101,21 +102,23 @@ def check_teacher_compatible(teacher: SADForObjectDetection, student: SADForObje
         )
 
 
+def normalization_affine(processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(a, b)`, each (3,) float64, with `pixel_values = raw * a + b` per channel for the raw 0-255 pixels `processor`
+    rescales (`rescale_factor`, when `do_rescale`) and normalises (`image_mean`, `image_std`, when `do_normalize`)."""
+    rescale = processor.rescale_factor if processor.do_rescale else 1.0
+    mean = torch.tensor(processor.image_mean if processor.do_normalize else [0.0] * 3, dtype=torch.float64)
+    std = torch.tensor(processor.image_std if processor.do_normalize else [1.0] * 3, dtype=torch.float64)
+    return rescale / std, -mean / std
+
+
 def teacher_input_transform(student_processor, teacher_processor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`(scale, shift)`, each (3, 1, 1) float32, that turn pixel values normalised by `student_processor` into those
     `teacher_processor` would give for the same image (`x_teacher = x_student * scale + shift`); None when the two
     rescale and normalise alike (or either is unknown), e.g. an ImageNet-normalised student and a CLIP teacher."""
     if student_processor is None or teacher_processor is None:
         return None
-
-    def affine(processor) -> tuple[torch.Tensor, torch.Tensor]:  # pixel_values = raw * a + b, raw in 0..255
-        rescale = processor.rescale_factor if processor.do_rescale else 1.0
-        mean = torch.tensor(processor.image_mean if processor.do_normalize else [0.0] * 3, dtype=torch.float64)
-        std = torch.tensor(processor.image_std if processor.do_normalize else [1.0] * 3, dtype=torch.float64)
-        return rescale / std, -mean / std
-
-    a_student, b_student = affine(student_processor)
-    a_teacher, b_teacher = affine(teacher_processor)
+    a_student, b_student = normalization_affine(student_processor)
+    a_teacher, b_teacher = normalization_affine(teacher_processor)
     scale = a_teacher / a_student
     shift = b_teacher - b_student * scale
     if torch.allclose(scale, torch.ones_like(scale)) and torch.allclose(shift, torch.zeros_like(shift)):

@@ -52,6 +52,7 @@ from transformers.models.auto.image_processing_auto import (
 from .box_ops import encode_boxes
 from .configuration_sad import SADConfig
 from .detection_loss import detection_loss
+from .distillation import normalization_affine
 from .image_processing_sad import SADImageProcessor
 from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput, predicted_boxes
 
@@ -246,14 +247,9 @@ class TransformersDetectorTeacher(nn.Module):
 
     def _student_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """Each image's valid region with the student's normalisation undone: (3, h, w) float in [0, 1]."""
-        processor = self.student_processor
-        images = pixel_values.float()
-        if processor.do_normalize:
-            mean = torch.tensor(processor.image_mean, device=images.device)[:, None, None]
-            std = torch.tensor(processor.image_std, device=images.device)[:, None, None]
-            images = images * std + mean
-        if not processor.do_rescale:  # the student saw 0-255 values
-            images = images / 255.0
+        a, b = (v.to(pixel_values.device, torch.float32)[:, None, None]
+                for v in normalization_affine(self.student_processor))
+        images = (pixel_values.float() - b) / (a * 255.0)
         return [image[:, : int(h), : int(w)].clamp(0, 1).cpu() for image, (h, w) in zip(images, image_sizes.tolist())]
 
     def dense_targets(

@@ -273,12 +273,11 @@ class TransformersDetectorTeacher(nn.Module):
             q = torch.zeros(num_anchors, num_classes, device=boxes.device).scatter_reduce_(
                 0, anchor_index[:, None].expand(-1, num_classes), values, "amax"
             )
-            # The dominant box of each reached anchor: the (box, anchor) pair with the anchor's largest value.
-            best = values.amax(-1)
-            order = torch.argsort(best, stable=True)  # later writes win: the largest value last
-            dominant = torch.full((num_anchors,), -1, dtype=torch.long, device=boxes.device)
-            dominant[anchor_index[order]] = box_index[order]
-            reached = dominant >= 0
+            # The dominant box of each reached anchor: the largest ramp x best class probability (the anchor's largest
+            # q); where every box reaching it has probability 0, the one with the largest ramp.
+            strength = ramp * probabilities[i].amax(-1, keepdim=True)  # (Q, N)
+            reached = (ramp > 0).any(0)
+            dominant = torch.where(strength.amax(0) > 0, strength.argmax(0), ramp.argmax(0))
             deltas[i, reached] = encode_boxes(boxes[i, dominant[reached]], anchors[reached])
             logits[i] = torch.logit(q.clamp(floor, 1 - floor))
         return logits, deltas

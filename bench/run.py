@@ -142,9 +142,26 @@ def _json_default(value):
         return str(value)
 
 
+def _run_one(bench_id: str, scale: str, fn):
+    """Run one benchmark in a worker and emit its result (or its error, so that the other benchmarks go on); the
+    torch seed is reset after it. Returns the result, or None on an error."""
+    import torch
+
+    start = time.perf_counter()
+    try:
+        result = fn()
+        result["elapsed_s"] = time.perf_counter() - start
+        _emit({"id": bench_id, "scale": scale, "ok": True, "result": result})
+        return result
+    except Exception:  # noqa: BLE001 - reported in the table, the other benchmarks go on
+        _emit({"id": bench_id, "scale": scale, "ok": False, "error": traceback.format_exc()})
+        return None
+    finally:
+        torch.manual_seed(0)
+
+
 def _worker_timing(args: argparse.Namespace) -> None:
     """B1, B3, B2, B6, B5 for one scale, in this order (B6 needs B2's consumption)."""
-    import torch
     from common import SCALES, environment, quiet
 
     quiet()
@@ -154,17 +171,7 @@ def _worker_timing(args: argparse.Namespace) -> None:
     consumption = args.consumption
 
     def run(bench_id, fn):
-        start = time.perf_counter()
-        try:
-            result = fn()
-            result["elapsed_s"] = time.perf_counter() - start
-            _emit({"id": bench_id, "scale": scale.name, "ok": True, "result": result})
-            return result
-        except Exception:  # noqa: BLE001 - reported in the table, the other benchmarks go on
-            _emit({"id": bench_id, "scale": scale.name, "ok": False, "error": traceback.format_exc()})
-            return None
-        finally:
-            torch.manual_seed(0)
+        return _run_one(bench_id, scale.name, fn)
 
     if "B1" in wanted:
         import bench_detector
@@ -240,13 +247,7 @@ def _worker_export(args: argparse.Namespace) -> None:
     _emit({"id": "env", "environment": environment()})
 
     def run(bench_id, fn):
-        start = time.perf_counter()
-        try:
-            result = fn()
-            result["elapsed_s"] = time.perf_counter() - start
-            _emit({"id": bench_id, "scale": "export", "ok": True, "result": result})
-        except Exception:  # noqa: BLE001 - reported in the table, the other benchmarks go on
-            _emit({"id": bench_id, "scale": "export", "ok": False, "error": traceback.format_exc()})
+        return _run_one(bench_id, "export", fn)
 
     if "B8" in wanted:
         run("B8", lambda: bench_export.bench_exported_inference(args.threads, True, args.workdir, B8_CASES[mode]))

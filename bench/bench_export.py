@@ -43,7 +43,9 @@ from common import (
 
 #: The network of B8/B10: a small COCO-sized student (ResNet-18, 128-channel FPN and heads, 4 convs, 80 classes).
 EXPORT_SCALE = Scale("export", "resnet18", 128, 4, 320, 1, 80, "resnet50", 128, repeats=6, warmup=2)
+#: (image side, batch) cases of B8 and of B12.
 B8_CASES = ((320, 1), (320, 8), (640, 1), (640, 8))
+B12_CASES = ((320, 8), (640, 1))
 
 
 def _session(path: Path, threads: int):
@@ -298,7 +300,7 @@ def bench_padding(scale: Scale, image_side: int = 416, model_size: int = 192) ->
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def bench_eager_variants(cases=((320, 8), (640, 1)), scale: Scale = EXPORT_SCALE) -> dict:
+def bench_eager_variants(cases=B12_CASES, scale: Scale = EXPORT_SCALE) -> dict:
     """B12: inference (forward + post-processing) of the B8 network in eager PyTorch: plain, `channels_last`, the
     backbone's BatchNorm folded into its convolutions, and both; ratios to plain, and the largest logit change."""
     from torch.fx.experimental.optimization import fuse

@@ -116,9 +116,8 @@ SPECS = {
         "target": "measured, kept where < 0.95x",
     },
 }
-# B8/B12 (image side, batch) cases; --quick keeps the 320 px ones.
-B8_CASES = {"full": ((320, 1), (320, 8), (640, 1), (640, 8)), "quick": ((320, 1), (320, 8))}
-B12_CASES = {"full": ((320, 8), (640, 1)), "quick": ((320, 8),)}
+# --quick keeps the B8/B12 cases (image side, batch) of this side only.
+QUICK_SIDE = 320
 # B5 sizes per scale: (images, repeats). 100 detections per image either way.
 B5_SIZES = {"demo": (1000, 1), "realistic": (3000, 1)}
 B6_BATCHES = {"demo": 30, "realistic": 15}
@@ -243,14 +242,17 @@ def _worker_export(args: argparse.Namespace) -> None:
 
     quiet()
     wanted = args.ids.split(",")
-    mode = "quick" if args.quick else "full"
     _emit({"id": "env", "environment": environment()})
 
     def run(bench_id, fn):
         return _run_one(bench_id, "export", fn)
 
+    def cases(all_cases):
+        return tuple(case for case in all_cases if case[0] == QUICK_SIDE) if args.quick else all_cases
+
+    b8_cases = cases(bench_export.B8_CASES)
     if "B8" in wanted:
-        run("B8", lambda: bench_export.bench_exported_inference(args.threads, True, args.workdir, B8_CASES[mode]))
+        run("B8", lambda: bench_export.bench_exported_inference(args.threads, True, args.workdir, b8_cases))
         if args.bccd_model:
             bccd = Path(args.bccd_dir)
             run("B8acc", lambda: bench_export.int8_accuracy(args.bccd_model, bccd / "val.json", bccd / "images",
@@ -258,11 +260,11 @@ def _worker_export(args: argparse.Namespace) -> None:
     if "B9" in wanted:
         run("B9", lambda: bench_export.bench_compiled_training(SCALES["demo"], args.workdir))
     if "B10" in wanted:
-        run("B10", lambda: bench_export.bench_yolo(args.threads, args.workdir, size=B8_CASES[mode][-1][0]))
+        run("B10", lambda: bench_export.bench_yolo(args.threads, args.workdir, size=max(side for side, _ in b8_cases)))
     if "B11" in wanted:
         run("B11", lambda: bench_export.bench_padding(SCALES["demo"]))
     if "B12" in wanted:
-        run("B12", lambda: bench_export.bench_eager_variants(B12_CASES[mode]))
+        run("B12", lambda: bench_export.bench_eager_variants(cases(bench_export.B12_CASES)))
 
 
 def _worker_memory(args: argparse.Namespace) -> None:

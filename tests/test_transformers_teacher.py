@@ -84,11 +84,17 @@ def test_probabilities_softmax_without_no_object_or_sigmoid():
     torch.testing.assert_close(teacher_probabilities(logits, num_labels=3, open_vocabulary=True), logits.sigmoid())
 
 
-def test_dense_targets_follow_the_students_matching_and_give_the_boxes_back_as_pseudo_boxes():
+def detr_teacher_on_student_anchors():
+    """A tiny DETR teacher of a tiny student, the student's processor, and its (N, 4) anchors on one input."""
     student, processor = tiny_detector()
     teacher = TransformersDetectorTeacher(tiny_detr(), detr_processor(), student.config, processor)
     with torch.no_grad():
         anchors = student(pixel_values=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).anchors
+    return teacher, processor, anchors
+
+
+def test_dense_targets_follow_the_students_matching_and_give_the_boxes_back_as_pseudo_boxes():
+    teacher, processor, anchors = detr_teacher_on_student_anchors()
     inside = ((anchors >= 0) & (anchors <= IMAGE_SIZE)).all(1).nonzero().flatten()
     index = int(inside[len(inside) // 2])
     box = anchors[index].clone()  # exactly an anchor inside the image: IoU 1 with it
@@ -112,10 +118,7 @@ def test_dense_targets_follow_the_students_matching_and_give_the_boxes_back_as_p
 
 
 def test_a_box_no_anchor_matches_well_still_teaches_its_best_anchor_as_the_students_matching_does():
-    student, processor = tiny_detector()
-    teacher = TransformersDetectorTeacher(tiny_detr(), detr_processor(), student.config, processor)
-    with torch.no_grad():
-        anchors = student(pixel_values=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).anchors
+    teacher, processor, anchors = detr_teacher_on_student_anchors()
     box = torch.tensor([[[30.0, 30.0, 34.0, 34.0]]])  # 4 px: IoU far below 0.4 with every anchor
     iou = box_iou(box[0], anchors)[0]
     assert iou.max() < 0.4

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from .callbacks import broadcast_buffers, checkpoint_folder
 from .detection_loss import detection_loss
 from .distillation import renormalize
-from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput, predicted_boxes
+from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput, predicted_boxes, valid_sizes
 from .training_args import TEACHER_AGGREGATIONS
 
 __all__ = [
@@ -138,27 +138,28 @@ class SADTeacherEnsemble(nn.Module):
         pixel_mask: torch.Tensor | None = None,
         labels: list[dict[str, torch.Tensor]] | None = None,
     ) -> SADEnsembleOutput:
+        # The members' own supervised losses are not needed: only the ensemble's output is scored.
         outputs = [
-            member(pixel_values=renormalize(pixel_values, transform), pixel_mask=pixel_mask, labels=labels)
+            member(pixel_values=renormalize(pixel_values, transform), pixel_mask=pixel_mask)
             for member, transform in zip(self.members, self.input_transforms)
         ]
         member_logits = torch.stack([o.logits for o in outputs])
         logits = aggregate_logits(member_logits, self.aggregation, self.temperature)
         box_regression = torch.stack([o.box_regression.float() for o in outputs]).mean(0)
-        first = outputs[0]
+        anchors = outputs[0].anchors
+        image_sizes = valid_sizes(pixel_values, pixel_mask, labels)
         loss = loss_dict = None
         if labels is not None:
-            loss, loss_dict, _ = detection_loss(logits, box_regression, first.anchors, labels, first.image_sizes,
-                                                self.config)
+            loss, loss_dict, _ = detection_loss(logits, box_regression, anchors, labels, image_sizes, self.config)
         return SADEnsembleOutput(
             loss=loss,
             loss_dict=loss_dict,
             logits=logits,
-            pred_boxes=predicted_boxes(box_regression, first.anchors, first.image_sizes),
+            pred_boxes=predicted_boxes(box_regression, anchors, image_sizes),
             box_regression=box_regression,
-            anchors=first.anchors,
-            spatial_shapes=first.spatial_shapes,
-            image_sizes=first.image_sizes,
+            anchors=anchors,
+            spatial_shapes=outputs[0].spatial_shapes,
+            image_sizes=image_sizes,
             teacher_disagreement=teacher_disagreement(member_logits),
         )
 

@@ -6,7 +6,7 @@ import torch
 from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from hf_sad.box_ops import encode_boxes
-from hf_sad.detection_loss import assign_anchors
+from hf_sad.detection_loss import assign_anchors, sigmoid_focal_loss_sum
 
 from .utils import LABELS, make_labels, tiny_detector
 
@@ -34,6 +34,40 @@ def test_focal_and_box_loss_match_independent_computation(tiny_model):
     torch.testing.assert_close(out.loss_dict["loss_cls"], cls_sum.detach() / num_pos)
     torch.testing.assert_close(out.loss_dict["loss_box"], box_sum.detach() / num_pos)
     torch.testing.assert_close(out.loss, (cls_sum + box_sum) / num_pos)
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 0.0), (0.9, 1.5), (-1, 3.0)])
+def test_sigmoid_focal_loss_sum_matches_torchvision_value_and_gradient(alpha, gamma):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, 7, generator=generator, dtype=torch.float64) * 4
+    logits[0, :5] = 60.0  # saturated both ways, on positive and negative entries
+    logits[1, :5] = -60.0
+    target_classes = torch.randint(-1, 7, (3, 50), generator=generator)
+    target_classes[0, :3] = torch.tensor([0, 3, -1])
+    target_classes[1, :3] = torch.tensor([2, -1, 6])
+    valid = torch.rand(3, 50, generator=generator) > 0.2
+
+    ours_input = logits.clone().requires_grad_()
+    ours = sigmoid_focal_loss_sum(ours_input, target_classes, valid, alpha, gamma)
+    (ours * 3.0).backward()
+    ref_input = logits.clone().requires_grad_()
+    onehot = torch.nn.functional.one_hot(target_classes.clamp(min=0), 7).to(logits.dtype)
+    onehot[target_classes < 0] = 0
+    ref = sigmoid_focal_loss(ref_input, onehot, alpha=alpha, gamma=gamma, reduction="none")
+    ((ref * valid.unsqueeze(-1)).sum() * 3.0).backward()
+
+    torch.testing.assert_close(ours, ref.detach().mul(valid.unsqueeze(-1)).sum())
+    torch.testing.assert_close(ours_input.grad, ref_input.grad)
+    assert ours_input.grad[~valid].abs().max() == 0
+
+
+def test_sigmoid_focal_loss_sum_is_finite_in_float32_for_saturated_logits():
+    logits = torch.tensor([[[-1e4, 1e4], [88.0, -88.0]]], requires_grad=True)
+    loss = sigmoid_focal_loss_sum(logits, torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool), 0.25, 2.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    # A confident wrong answer costs |logit| x its weight; a confident right one nothing.
+    torch.testing.assert_close(loss, torch.tensor(0.25 * 1e4 + 0.75 * 1e4 + 0.25 * 88 + 0.75 * 88))
 
 
 def test_giou_box_loss_runs_and_is_bounded():

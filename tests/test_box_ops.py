@@ -125,7 +125,7 @@ def _reference_select(scores, boxes, score_threshold, nms_iou_threshold, pre_nms
     results = []
     for image_scores, image_boxes in zip(scores, boxes):
         num_classes = image_scores.shape[1]
-        top, index = image_scores.flatten().topk(min(pre_nms_top_k, image_scores.numel()))
+        top, index = image_scores.flatten().topk(min(pre_nms_top_k or image_scores.numel(), image_scores.numel()))
         keep = top > score_threshold
         top, index = top[keep], index[keep]
         labels, candidate_boxes = index % num_classes, image_boxes[index // num_classes]
@@ -134,9 +134,14 @@ def _reference_select(scores, boxes, score_threshold, nms_iou_threshold, pre_nms
     return results
 
 
-@pytest.mark.parametrize("seed,pre_nms_top_k", [(0, 100), (1, 100), (2, 100), (0, 25), (1, 7)])
-def test_select_detections_matches_per_image_reference(seed, pre_nms_top_k):
+@pytest.mark.parametrize(
+    "seed,pre_nms_top_k,max_detections",
+    [(0, 100, 15), (1, 100, 15), (2, 100, 15), (0, 25, 15), (1, 7, 15), (0, None, 2), (3, 200, 40), (1, 100, None)],
+)
+def test_select_detections_matches_per_image_reference(seed, pre_nms_top_k, max_detections):
     # pre_nms_top_k below the 60 anchors takes the path that first keeps the k anchors with the best class score.
+    # NMS runs on chunks of 2 x max_detections candidates, doubling, until each image has its detections: small
+    # max_detections take several rounds, with the images finishing in different rounds.
     generator = torch.Generator().manual_seed(seed)
     batch_size, num_anchors, num_classes = 3, 60, 4
     scores = torch.rand(batch_size, num_anchors, num_classes, generator=generator)
@@ -144,7 +149,8 @@ def test_select_detections_matches_per_image_reference(seed, pre_nms_top_k):
     top_left = torch.rand(batch_size, num_anchors, 2, generator=generator) * 80
     sizes = torch.rand(batch_size, num_anchors, 2, generator=generator) * 40 + 1
     boxes = torch.cat([top_left, top_left + sizes], dim=-1)
-    settings = {"score_threshold": 0.2, "nms_iou_threshold": 0.4, "pre_nms_top_k": pre_nms_top_k, "max_detections": 15}
+    settings = {"score_threshold": 0.2, "nms_iou_threshold": 0.4, "pre_nms_top_k": pre_nms_top_k,
+                "max_detections": max_detections}
 
     results = select_detections(scores, boxes, **settings)
     expected = _reference_select(scores, boxes, **settings)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -41,6 +42,8 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from hf_sad import create_detector
 from hf_sad.data import load_coco_detection
@@ -103,6 +106,8 @@ ROWS = {row.key: row for row in [
         settings=(("labeled_distill_weight", 5.0), ("unlabeled_distill_weight", 5.0))),
 ]}
 TEACHER_ROWS = ("teacher", "teacher_same")
+#: Steps between a row's checkpoints: a row cut short (a session's end) resumes from the last one.
+CHECKPOINT_EVERY = 250
 # SADConfig fields a row may set (the rest of its settings are SADTrainingArguments).
 CONFIG_FIELDS = ("low_quality_match_min_iou",)
 
@@ -241,15 +246,44 @@ def run_row(row: Row, dataset: str, seed: int, setting: Setting, work: Path, ini
     stream = {"same": unlabeled, "shifted": shifted}.get(row.unlabeled)
     batch = 2 * setting.batch_size if stream is not None else setting.batch_size
     steps = row_steps(row, setting)
+    folder = work / row.key
     args = training_arguments(
-        replace(setting, batch_size=batch, seed=seed), work / row.key, steps, distill_loss=row.distill_loss,
-        unlabeled_ratio=0.5 if stream is not None else 0.0, disable_tqdm=True, **settings,
+        replace(setting, batch_size=batch, seed=seed), folder, steps, distill_loss=row.distill_loss,
+        unlabeled_ratio=0.5 if stream is not None else 0.0, disable_tqdm=True,
+        save_strategy="steps", save_steps=CHECKPOINT_EVERY, save_total_limit=1, **settings,
     )
+    resume = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    elapsed = _ElapsedTime(resume)
+    if resume:
+        print(f"  resuming from {resume} ({elapsed.before:.0f} s trained before)", flush=True)
     trainer, metrics, seconds = train_and_evaluate(f"{dataset}/{seed}/{row.key}", model, processor, args, train, val,
-                                                   teacher=teacher, unlabeled=stream)
+                                                   teacher=teacher, unlabeled=stream, resume_from_checkpoint=resume,
+                                                   callbacks=[elapsed])
     if row.key in TEACHER_ROWS:
-        trainer.save_model(str(work / row.key))
-    return {"map": metrics["map"], "map_50": metrics["map_50"], "steps": steps, "seconds": round(seconds, 1)}
+        trainer.save_model(str(folder))
+    for checkpoint in folder.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    return {"map": metrics["map"], "map_50": metrics["map_50"], "steps": steps,
+            "seconds": round(elapsed.before + seconds, 1)}
+
+
+class _ElapsedTime(TrainerCallback):
+    """Writes a row's training seconds so far into each checkpoint (`elapsed.json`), so that the record of a row
+    resumed after an interruption (a session's end) counts the time before it too."""
+
+    def __init__(self, resume: str | None):
+        saved = Path(resume or "") / "elapsed.json"
+        self.before = json.loads(saved.read_text())["seconds"] if resume and saved.is_file() else 0.0
+        self.start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            seconds = self.before + time.perf_counter() - self.start
+            (checkpoint / "elapsed.json").write_text(json.dumps({"seconds": round(seconds, 1)}))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -170,3 +170,30 @@ def test_the_pretraining_record_is_kept_beside_its_checkpoint(ablation, tmp_path
     first = ablation.pretrain(setting, "student", tmp_path)
     again = ablation.pretrain(setting, "student", tmp_path)  # a later run (or process) reuses it, record included
     assert trained == ["student"] and first == again and again[1]["map"] == 0.5
+
+
+def test_a_row_cut_short_resumes_from_its_last_checkpoint(ablation, tmp_path, monkeypatch, quiet, capsys):
+    """A session that ends mid-row loses at most CHECKPOINT_EVERY steps: the rerun resumes, and the record counts the
+    seconds trained before the interruption."""
+    monkeypatch.setattr(ablation, "CHECKPOINT_EVERY", 1)
+    original_on_save = ablation._ElapsedTime.on_save
+
+    def interrupted(self, args, state, control, **kwargs):
+        original_on_save(self, args, state, control, **kwargs)
+        raise KeyboardInterrupt  # the session ends right after the first checkpoint
+
+    monkeypatch.setattr(ablation._ElapsedTime, "on_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(ablation, tmp_path, "--rows", "baseline")
+    folder = tmp_path / "work" / REGIME / "quick" / "synthetic-0" / "baseline"
+    saved = json.loads((folder / "checkpoint-1" / "elapsed.json").read_text())
+    assert saved["seconds"] > 0
+    assert not (tmp_path / "docs" / "results.json").read_text().count('"baseline"')
+
+    monkeypatch.setattr(ablation._ElapsedTime, "on_save", original_on_save)
+    capsys.readouterr()
+    run_main(ablation, tmp_path, "--rows", "baseline")
+    assert f"resuming from {folder / 'checkpoint-1'}" in capsys.readouterr().out
+    record = next(r for r in json.loads((tmp_path / "docs" / "results.json").read_text()) if r["row"] == "baseline")
+    assert record["steps"] == 2 and record["seconds"] >= saved["seconds"]
+    assert not list(folder.glob("checkpoint-*"))  # a finished row keeps no checkpoints

@@ -56,8 +56,9 @@ QUICK = replace(DemoConfig(), num_train=32, num_val=16, teacher_steps=12, studen
 
 
 def training_arguments(config: DemoConfig, output_dir: Path, steps: int, **kwargs) -> SADTrainingArguments:
-    """The demo's optimisation recipe (AdamW, cosine schedule with warm-up) for `steps` steps."""
-    return SADTrainingArguments(
+    """The demo's optimisation recipe (AdamW, cosine schedule with warm-up) for `steps` steps; `kwargs` add to or
+    override its arguments (e.g. `save_strategy`)."""
+    recipe = dict(
         output_dir=str(output_dir),
         max_steps=steps,
         per_device_train_batch_size=config.batch_size,
@@ -71,18 +72,20 @@ def training_arguments(config: DemoConfig, output_dir: Path, steps: int, **kwarg
         report_to="none",
         seed=config.seed,
         scale_jitter=list(config.scale_jitter),
-        **kwargs,
     )
+    return SADTrainingArguments(**{**recipe, **kwargs})
 
 
 def train_and_evaluate(
-    name: str, model, processor, args: SADTrainingArguments, train, val, teacher=None, unlabeled=None
+    name: str, model, processor, args: SADTrainingArguments, train, val, teacher=None, unlabeled=None,
+    resume_from_checkpoint: str | None = None, callbacks: list | None = None,
 ) -> tuple[SADTrainer, dict, float]:
-    """Train with `SADTrainer`, then evaluate on `val`; returns the trainer, COCO metrics and training seconds."""
+    """Train with `SADTrainer` (from a checkpoint folder when given), then evaluate on `val`; returns the trainer, COCO
+    metrics and the seconds this call trained."""
     print(f"\n== {name}: {args.max_steps} steps ==", flush=True)
-    trainer = SADTrainer(model, teacher, args, train, unlabeled, val, processing_class=processor)
+    trainer = SADTrainer(model, teacher, args, train, unlabeled, val, processing_class=processor, callbacks=callbacks)
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     seconds = time.perf_counter() - start
     return trainer, {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}, seconds
 

@@ -130,13 +130,14 @@ FIRST_DISTILLATION = (("pseudo_box_loss", "box"), ("distill_normalizer_anchors",
 PRETRAINED = Setting(num_train=500, num_val=300, coloured=True, teacher_backbone="resnet26t", teacher_width=64,
                      student_backbone="resnet10t", student_width=16, teacher_steps=1500, student_steps=1500,
                      pretrain_steps=1500, pretrain_images=2000)
+# The first grid's data and schedules: the demo's of that time (it has since grown to 500 labeled scenes).
+FIRST = Setting(num_train=96, num_val=96, teacher_steps=500, student_steps=300, distillation=FIRST_DISTILLATION)
 REGIMES = {
     "first-miniature": Regime(
         "first-miniature",
         "the demo's 6-class scenes (96 labeled) and BCCD, every network from scratch, a few hundred steps",
-        {"synthetic": Setting(distillation=FIRST_DISTILLATION),
-         "bccd": Setting(image_size=192, batch_size=4, teacher_steps=300, student_steps=200,
-                         distillation=FIRST_DISTILLATION)},
+        {"synthetic": FIRST,
+         "bccd": replace(FIRST, image_size=192, batch_size=4, teacher_steps=300, student_steps=200)},
         FIRST_GRID + ("adl_w5", "sad_w5"),
     ),
     "pretrained-miniature": Regime(

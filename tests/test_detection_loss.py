@@ -127,3 +127,15 @@ def test_crowd_boxes_are_ignore_regions_not_targets(tiny_model):
     assert out.loss_dict["num_positives"] == expected["num_positives"]
     assert out.loss_dict["loss_box"] == expected["loss_box"]
     assert out.loss_dict["loss_cls"] < expected["loss_cls"]  # fewer anchors counted as background
+
+
+def test_sigmoid_focal_loss_sum_stays_fp32_under_bf16_autocast():
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 30, 5, generator=generator) * 3).requires_grad_()
+    target_classes = torch.randint(-1, 5, (2, 30), generator=generator)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    expected = sigmoid_focal_loss_sum(logits, target_classes, valid, 0.25, 2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = sigmoid_focal_loss_sum(logits, target_classes, valid, 0.25, 2.0)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, expected)

@@ -123,7 +123,7 @@ def sigmoid_focal_loss_sum(
     summed over the anchors where `valid`, and its gradient, finite for any finite logits.
 
     Args:
-        logits: (B, N, C) fp32 classification logits.
+        logits: (B, N, C) classification logits, fp32 (or fp64); computed in their dtype.
         target_classes: (B, N) int64, each anchor's class, -1 for background.
         valid: (B, N) bool, False for ignored anchors (no loss, no gradient).
         alpha: weight of the positive entries (negatives get 1 - alpha); -1 weights both 1, as in torchvision.
@@ -134,7 +134,8 @@ def sigmoid_focal_loss_sum(
     training step (bench B1). This one computes the loss and its gradient together in about ten passes; the tests
     compare both with torchvision's.
     """
-    return _SigmoidFocalLossSum.apply(logits, target_classes, valid, alpha, gamma)
+    with torch.autocast(logits.device.type, enabled=False):  # the dtype of `logits`, whatever the caller's autocast
+        return _SigmoidFocalLossSum.apply(logits, target_classes, valid, alpha, gamma)
 
 
 class _SigmoidFocalLossSum(torch.autograd.Function):
@@ -159,8 +160,11 @@ class _SigmoidFocalLossSum(torch.autograd.Function):
         loss_pos = p_neg.pow(gamma) * softplus_pos
         loss_neg[batch_idx, anchor_idx, cls_idx] = 0.0
         total = neg_weight * (loss_neg.sum(-1) * valid).sum() + pos_weight * (loss_pos * pos_w).sum()
+        del loss_neg  # each (B, N, C) temporary is freed once used: they set the peak memory of a step (bench B7)
         if ctx.needs_input_grad[0]:
-            grad = torch.addcmul(q, torch.sub(1.0, q), softplus, value=gamma).mul_(q_gamma)
+            grad = torch.addcmul(q, torch.sub(1.0, q), softplus, value=gamma)
+            del softplus, q
+            grad.mul_(q_gamma)
             grad.mul_(valid.unsqueeze(-1) * neg_weight)
             pos_grad = -p_neg.pow(gamma) * torch.addcmul(p_neg, 1.0 - p_neg, softplus_pos, value=gamma)
             grad[batch_idx, anchor_idx, cls_idx] = pos_weight * pos_grad * pos_w

@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_sad import create_detector
+from hf_sad.callbacks import get_last_complete_checkpoint
 from hf_sad.data import load_coco_detection
 from hf_sad.demo import DemoConfig, train_and_evaluate, training_arguments
 from hf_sad.synthetic import make_labeled_dataset, make_unlabeled_stream, synthetic_id2label
@@ -253,7 +253,7 @@ def run_row(row: Row, dataset: str, seed: int, setting: Setting, work: Path, ini
         unlabeled_ratio=0.5 if stream is not None else 0.0, disable_tqdm=True,
         save_strategy="steps", save_steps=CHECKPOINT_EVERY, save_total_limit=1, **settings,
     )
-    resume = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    resume = get_last_complete_checkpoint(folder) if folder.is_dir() else None
     elapsed = _ElapsedTime(resume)
     if resume:
         print(f"  resuming from {resume} ({elapsed.before:.0f} s trained before)", flush=True)
@@ -262,8 +262,8 @@ def run_row(row: Row, dataset: str, seed: int, setting: Setting, work: Path, ini
                                                    callbacks=[elapsed])
     if row.key in TEACHER_ROWS:
         trainer.save_model(str(folder))
-    for checkpoint in folder.glob("checkpoint-*"):
-        shutil.rmtree(checkpoint)
+    for checkpoint in folder.glob("checkpoint-*"):  # folders, and the markers of any cut short
+        shutil.rmtree(checkpoint) if checkpoint.is_dir() else checkpoint.unlink()
     return {"map": metrics["map"], "map_50": metrics["map_50"], "steps": steps,
             "seconds": round(elapsed.before + seconds, 1)}
 

@@ -190,6 +190,9 @@ def test_a_row_cut_short_resumes_from_its_last_checkpoint(ablation, tmp_path, mo
     assert saved["seconds"] > 0
     assert not (tmp_path / "docs" / "results.json").read_text().count('"baseline"')
 
+    # A later checkpoint whose writing was cut short (its marker still beside it) is not resumed from.
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2.incomplete").write_text("")
     monkeypatch.setattr(ablation._ElapsedTime, "on_save", original_on_save)
     capsys.readouterr()
     run_main(ablation, tmp_path, "--rows", "baseline")

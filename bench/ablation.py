@@ -262,8 +262,11 @@ def run_row(row: Row, dataset: str, seed: int, setting: Setting, work: Path, ini
                                                    callbacks=[elapsed])
     if row.key in TEACHER_ROWS:
         trainer.save_model(str(folder))
-    for checkpoint in folder.glob("checkpoint-*"):  # folders, and the markers of any cut short
-        shutil.rmtree(checkpoint) if checkpoint.is_dir() else checkpoint.unlink()
+    for leftover in folder.glob("checkpoint-*"):  # checkpoint folders, and the marker of one cut short
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
     return {"map": metrics["map"], "map_50": metrics["map_50"], "steps": steps,
             "seconds": round(elapsed.before + seconds, 1)}
 

@@ -200,3 +200,41 @@ def test_a_row_cut_short_resumes_from_its_last_checkpoint(ablation, tmp_path, mo
     record = next(r for r in json.loads((tmp_path / "docs" / "results.json").read_text()) if r["row"] == "baseline")
     assert record["steps"] == 2 and record["seconds"] >= saved["seconds"]
     assert not list(folder.glob("checkpoint-*"))  # a finished row keeps no checkpoints
+
+
+@pytest.fixture
+def distill_gradients(ablation):
+    spec = importlib.util.spec_from_file_location("distill_gradients", REPO / "bench" / "distill_gradients.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports `ablation`, which the fixture above registered
+    return module
+
+
+def test_gradient_parts_split_the_mass_by_anchor_and_direction(distill_gradients):
+    import torch
+
+    # One image, three anchors, two classes: anchor 0 is foreground of class 1, anchor 1 background, anchor 2 ignored.
+    anchor_labels = torch.tensor([[1, 0, -1]])
+    supervised_grad = torch.tensor([[[0.1, -0.5], [0.2, 0.3], [0.0, 0.0]]])  # negative on the target entry only
+    student = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    teacher = torch.tensor([[[1.0, 1.0], [-1.0, 2.0], [5.0, 5.0]]])  # background: class 0 pushed down, class 1 up
+    grad = torch.tensor([[[1.0, -2.0], [4.0, -8.0], [16.0, 32.0]]])
+    parts = distill_gradients.gradient_parts(grad, supervised_grad, student, teacher, anchor_labels)
+    assert {key: float(value) for key, value in parts.items()} == {
+        "fg_class": 2.0, "fg_other": 1.0, "bg_down": 4.0, "bg_up": 8.0}  # the ignored anchor counts nowhere
+
+
+def test_distill_gradients_measures_each_loss_against_a_trained_teacher(ablation, distill_gradients, tmp_path,
+                                                                         monkeypatch, quiet):
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match="No teacher"):
+        distill_gradients.main(["--quick", "--batches", "1", "--work_dir", str(work)])
+    run_main(ablation, tmp_path, "--rows", "teacher")
+    totals = distill_gradients.main(["--quick", "--batches", "1", "--work_dir", str(work)])
+    assert set(totals) == {"supervised", *distill_gradients.LOSSES}
+    for key, parts in totals.items():
+        assert sum(parts[p] for p in distill_gradients.PARTS) == pytest.approx(parts["mass"], rel=1e-6), key
+    assert totals["kl"]["mass"] > 0 and totals["adl"]["mass"] > 0
+    background_only = totals["kl_background"]
+    assert background_only["fg_class"] == background_only["fg_other"] == 0.0
+    assert background_only["bg_down"] + background_only["bg_up"] > 0

@@ -23,10 +23,13 @@ ADL variant, images without pseudo-boxes dropped, normaliser over all anchors, D
 sad_shifted (unlabeled images from a shifted distribution, same classes: C4).
 
 Every finished run is a record in `docs/results.json` (`regime`, `dataset`, `row`, `seed`, `map`, `map_50` as
-fractions, `steps`, `seconds`), rewritten after each run: a rerun skips what is recorded (resumable, also across
-machines once the file is committed). Checkpoints of teachers and of the pretraining stay in the work dir; a row whose
-teacher checkpoint is gone trains that teacher again first (the runs are deterministic on the CPU). The report
-(docs/results.md, docs/ablation.png) compares each claim's rows with paired differences per seed.
+fractions, `steps`, `seconds`; and which checkpoints it started from: `start_map`, the mAP of its pretrained start,
+and for distilled rows `teacher_map`, its teacher's), rewritten after each run: a rerun skips what is recorded
+(resumable, also across machines once the file is committed). Checkpoints of teachers and of the pretraining stay in
+the work dir; a row whose teacher checkpoint is gone trains that teacher again first. That is deterministic on the CPU
+for one version of the code, but a change in floating-point order (a faster loss kernel) gives a slightly different
+network, so the report pairs only rows that started from the same checkpoints. It (docs/results.md,
+docs/ablation.png) compares each claim's rows with paired differences per seed.
 """
 
 from __future__ import annotations
@@ -359,10 +362,35 @@ def summarize(runs: dict, dataset: str, row: str) -> tuple[float, float, int, fl
 
 
 def paired(runs: dict, dataset: str, better: str, worse: str) -> list[float]:
-    """Per-seed differences (mAP points) of two rows, over the seeds where both ran."""
+    """Per-seed differences (mAP points) of two rows, over the seeds where both ran from the same checkpoints (see
+    `same_checkpoints`). Against a teacher row, a distilled row is compared with the teacher it was distilled from."""
     seeds = sorted({s for (d, s, k) in runs if d == dataset and k == better})
-    return [100 * (runs[(dataset, s, better)]["map"] - runs[(dataset, s, worse)]["map"])
-            for s in seeds if (dataset, s, worse) in runs]
+    differences = []
+    for seed in seeds:
+        a, b = runs[(dataset, seed, better)], runs.get((dataset, seed, worse))
+        if worse == ROWS[better].teacher and a.get("teacher_map") is not None:
+            differences.append(100 * (a["map"] - a["teacher_map"]))
+        elif b is not None and same_checkpoints(a, b, ROWS[better], ROWS[worse]):
+            differences.append(100 * (a["map"] - b["map"]))
+    return differences
+
+
+def same_checkpoints(a: dict, b: dict, row_a: Row, row_b: Row) -> bool:
+    """Whether two records of a seed started from the same pretrained checkpoint and, when both are distilled from
+    the same teacher row, from the same teacher checkpoint. A work dir trained again after a change in the code's
+    floating-point order (a later session) holds slightly different checkpoints: rows from the old and the new ones
+    are not a pair. Records without these fields (older ones) are taken as paired."""
+    if row_a.model == row_b.model and a.get("start_map") != b.get("start_map"):
+        return False
+    one_teacher = "none" not in (row_a.distill_loss, row_b.distill_loss) and row_a.teacher == row_b.teacher
+    return not one_teacher or a.get("teacher_map") == b.get("teacher_map")
+
+
+def unpaired_seeds(runs: dict, dataset: str, better: str, worse: str) -> list[int]:
+    """Seeds where both rows ran but from different checkpoints (not compared by `paired`)."""
+    return [s for (d, s, k), a in sorted(runs.items()) if d == dataset and k == better and (d, s, worse) in runs
+            and not (worse == ROWS[better].teacher and a.get("teacher_map") is not None)
+            and not same_checkpoints(a, runs[(d, s, worse)], ROWS[better], ROWS[worse])]
 
 
 def verdict(differences: list[float]) -> str:
@@ -381,11 +409,14 @@ def claim_lines(runs: dict, datasets: list[str]) -> list[str]:
     lines = []
     for dataset in datasets:
         for claim, name, better, worse in CLAIMS:
-            differences = paired(runs, dataset, better, worse)
+            differences, unpaired = paired(runs, dataset, better, worse), unpaired_seeds(runs, dataset, better, worse)
+            note = (f"; not paired (other checkpoints): seed {', '.join(map(str, unpaired))}" if unpaired else "")
             if differences:
                 per_seed = ", ".join(f"{d:+.1f}" for d in differences)
                 lines.append(f"- {dataset}: {claim} {name}: {statistics.mean(differences):+.1f} points on average "
-                             f"(seeds: {per_seed}): {verdict(differences)}")
+                             f"(seeds: {per_seed}): {verdict(differences)}{note}")
+            elif unpaired:
+                lines.append(f"- {dataset}: {claim} {name}: no pair{note}")
     return lines
 
 
@@ -519,13 +550,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs.update(by_key(records, regime.name))
 
     def run_and_record(key: str, dataset: str, seed: int) -> None:
-        setting, init = settings[dataset], None
+        row, setting, init, pretrained = ROWS[key], settings[dataset], None, None
         if setting.pretrain_steps:
-            init, pretrained = pretrain(setting, ROWS[key].model, work_dir)
-            stage = ("pretraining", 0, f"pretrain_{ROWS[key].model}")
-            if pretrained is not None and stage not in runs:  # the stage itself, trained once, as a record of its own
+            init, pretrained = pretrain(setting, row.model, work_dir)
+            stage = ("pretraining", 0, f"pretrain_{row.model}")
+            # The stage as a record of its own; replaced when a new work dir trained it again and got another result
+            # (the runs are deterministic for one version of the code, not across changes in floating-point order).
+            if pretrained is not None and runs.get(stage, {}).get("map") != pretrained["map"]:
                 record(*stage, pretrained)
-        record(dataset, seed, key, run_row(ROWS[key], dataset, seed, setting, work_dir / f"{dataset}-{seed}", init))
+        result = run_row(row, dataset, seed, setting, work_dir / f"{dataset}-{seed}", init)
+        teacher = runs.get((dataset, seed, row.teacher)) if row.distill_loss != "none" else None
+        result["start_map"] = pretrained["map"] if pretrained else None
+        if teacher is not None:
+            result["teacher_map"] = teacher["map"]
+        record(dataset, seed, key, result)
 
     for i, (dataset, seed, key) in enumerate(todo, 1):
         records[:] = load_records(results_file)  # other grid processes may have recorded runs meanwhile

@@ -112,7 +112,45 @@ def test_records_are_written_after_each_run_and_missing_teachers_trained_again(a
     assert {(r["dataset"], r["row"]) for r in saved} == {
         ("synthetic", "teacher"), ("synthetic", "adl"), ("synthetic", "teacher_same"), ("synthetic", "adl_same"),
         ("pretraining", "pretrain_teacher"), ("pretraining", "pretrain_student")}
-    assert all(set(r) == {"regime", "dataset", "row", "seed", "map", "map_50", "steps", "seconds"} for r in saved)
+    stages = [r for r in saved if r["dataset"] == "pretraining"]
+    assert all(set(r) == {"regime", "dataset", "row", "seed", "map", "map_50", "steps", "seconds"} for r in stages)
+    rows = {r["row"]: r for r in saved if r["dataset"] == "synthetic"}
+    assert all(r["start_map"] == 0.5 for r in rows.values())  # which checkpoints each row started from
+    assert rows["adl"]["teacher_map"] == rows["adl_same"]["teacher_map"] == 0.02
+    assert "teacher_map" not in rows["teacher"]
+
+
+def test_only_rows_from_the_same_checkpoints_are_paired(ablation, tmp_path, monkeypatch, quiet):
+    """A work dir trained again after a floating-point change holds other checkpoints: rows distilled from the new
+    teacher are not paired with rows of the old one, and a distilled row is compared with the teacher it used."""
+    runs = ablation.by_key(records({"baseline": [0.30, 0.30], "kl": [0.40, 0.40], "adl": [0.38, 0.36],
+                                    "teacher": [0.50, 0.50], "sad": [0.45, 0.45]}), REGIME)
+    for seed in (0, 1):
+        for key in ("baseline", "kl", "adl", "sad"):
+            runs[("synthetic", seed, key)]["start_map"] = 0.33
+        for key in ("kl", "adl", "sad"):
+            runs[("synthetic", seed, key)]["teacher_map"] = 0.50
+    runs[("synthetic", 1, "adl")].update(start_map=0.35, teacher_map=0.49)  # after a retrain
+    runs[("synthetic", 1, "teacher")]["map"] = 0.49  # the retrained teacher's record replaced the old one
+    assert ablation.paired(runs, "synthetic", "adl", "kl") == pytest.approx([-2.0])
+    assert ablation.unpaired_seeds(runs, "synthetic", "adl", "kl") == [1]
+    assert ablation.paired(runs, "synthetic", "adl", "baseline") == pytest.approx([8.0])  # other start at seed 1
+    assert ablation.paired(runs, "synthetic", "sad", "teacher") == pytest.approx([-5.0, -5.0])  # its own teacher
+    lines = "\n".join(ablation.claim_lines(runs, ["synthetic"]))
+    assert "C1 ADL beats KL (labeled only): -2.0 points on average (seeds: -2.0): one seed; not paired (other " \
+           "checkpoints): seed 1" in lines
+
+    # The pretraining stage trained again with another result: its record is replaced, and new rows name it.
+    stage = {"map": 0.33, "map_50": 0.5, "steps": 2, "seconds": 3.0}
+    monkeypatch.setattr(ablation, "pretrain", lambda setting, architecture, work: (work, stage))
+    monkeypatch.setattr(ablation, "run_row", lambda *args: {"map": 0.1, "map_50": 0.2, "steps": 2, "seconds": 1.0})
+    run_main(ablation, tmp_path, "--rows", "baseline")
+    stage.update(map=0.35)
+    run_main(ablation, tmp_path, "--rows", "baseline_long")
+    saved = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert [r["map"] for r in saved if r["row"] == "pretrain_student"] == [0.35]
+    assert {r["row"]: r["start_map"] for r in saved if r["dataset"] == "synthetic"} == {
+        "baseline": 0.33, "baseline_long": 0.35}
 
 
 def test_rows_and_regimes_are_consistent(ablation):

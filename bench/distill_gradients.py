@@ -1,11 +1,13 @@
 """Where each distillation loss pushes the student: a diagnostic for claim C1 (ADL beats KL) of the ablation grid.
 
-    python bench/distill_gradients.py [--dataset synthetic] [--seed 0] [--batches 8] [--quick]
+    python bench/distill_gradients.py [--dataset synthetic] [--seed 0] [--student start|teacher_same] [--batches 8]
+                                      [--quick]
 
-At the start of an ablation row (the student's pretrained start with fresh heads; the row's trained teacher from
-`bench/ablation.py`'s work dir, trained first if missing), it takes labeled training batches and measures, for each
-distillation loss of the grid, the gradient that loss sends to the student's classification logits, as it would enter
-the step (the row's distillation settings, weight 1). Per loss it prints:
+At the start of an ablation row (the student's pretrained start with fresh heads, and the row's trained teacher from
+`bench/ablation.py`'s work dir), or with a trained student in its place (`--student teacher_same`: the student's
+architecture trained 3x longer, as a student late in training), it takes labeled training batches and measures, for
+each distillation loss of the grid, the gradient that loss sends to the student's classification logits, as it would
+enter the step (the row's distillation settings, weight 1). Per loss it prints:
 
 - `mass`: the summed |d loss / d logit| over all (anchor, class) entries, relative to the supervised focal loss's;
 - where that mass goes: to foreground anchors (IoU >= 0.5 with a labeled box) on the box's class entry, on the other
@@ -52,19 +54,24 @@ def gradient_parts(grad: torch.Tensor, supervised_grad: torch.Tensor, student: t
     }
 
 
-def measure(dataset: str, seed: int, batches: int, quick: bool, work_dir: Path) -> dict[str, dict[str, float]]:
-    """Summed gradient parts of the supervised focal loss and of each of LOSSES over `batches` training batches."""
+def measure(dataset: str, seed: int, student_from: str, batches: int, quick: bool,
+            work_dir: Path) -> dict[str, dict[str, float]]:
+    """Summed gradient parts of the supervised focal loss and of each of LOSSES over `batches` training batches, for
+    the student at its start (`student_from="start"`) or the trained checkpoint of the row `student_from`."""
     regime = ablation.REGIMES["pretrained-miniature"]
     setting = ablation.quick(regime.datasets[dataset]) if quick else regime.datasets[dataset]
     work = work_dir / regime.name / ("quick" if quick else "full")
-    teacher_dir = work / f"{dataset}-{seed}" / "teacher"
-    if not (teacher_dir / "model.safetensors").is_file():
-        raise SystemExit(f"No teacher in {teacher_dir}: run `python bench/ablation.py --datasets {dataset} "
-                         f"--only_seeds {seed} --rows teacher{' --quick' if quick else ''}` first.")
+    folders = {row: work / f"{dataset}-{seed}" / row for row in ("teacher", student_from) if row != "start"}
+    for row, folder in folders.items():
+        if not (folder / "model.safetensors").is_file():
+            raise SystemExit(f"No {row} in {folder}: run `python bench/ablation.py --datasets {dataset} "
+                             f"--only_seeds {seed} --rows {row}{' --quick' if quick else ''}` first.")
     init, _ = ablation.pretrain(setting, "student", work)
     train, _, _, _, id2label, size = ablation.scenario(dataset, seed, setting)
     student, processor = ablation.build(setting, "student", id2label, size, seed, init)
-    teacher = SADForObjectDetection.from_pretrained(teacher_dir).eval()
+    if student_from != "start":
+        student = SADForObjectDetection.from_pretrained(folders[student_from])
+    teacher = SADForObjectDetection.from_pretrained(folders["teacher"]).eval()
     student.eval()  # the backbone's BatchNorm is frozen anyway; nothing changes while measuring
     args = {key: training_arguments(replace(setting, seed=seed), work / "gradients", 1,
                                     distill_loss=ablation.ROWS[key].distill_loss,
@@ -110,11 +117,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "bccd"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--student", default="start", choices=["start", "teacher_same"],
+                        help="the student at a row's start, or the student's architecture trained 3x longer")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="the grid's --quick settings (tiny data and models)")
     parser.add_argument("--work_dir", default=str(ablation.ROOT / "runs" / "ablation"))
     args = parser.parse_args(argv)
-    totals = measure(args.dataset, args.seed, args.batches, args.quick, Path(args.work_dir))
+    totals = measure(args.dataset, args.seed, args.student, args.batches, args.quick, Path(args.work_dir))
     print(report(totals))
     return totals
 

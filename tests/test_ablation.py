@@ -268,6 +268,8 @@ def test_distill_gradients_measures_each_loss_against_a_trained_teacher(ablation
     with pytest.raises(SystemExit, match="No teacher"):
         distill_gradients.main(["--quick", "--batches", "1", "--work_dir", str(work)])
     run_main(ablation, tmp_path, "--rows", "teacher")
+    with pytest.raises(SystemExit, match="No teacher_same"):
+        distill_gradients.main(["--quick", "--student", "teacher_same", "--work_dir", str(work)])
     totals = distill_gradients.main(["--quick", "--batches", "1", "--work_dir", str(work)])
     assert set(totals) == {"supervised", *distill_gradients.LOSSES}
     for key, parts in totals.items():
@@ -276,3 +278,7 @@ def test_distill_gradients_measures_each_loss_against_a_trained_teacher(ablation
     background_only = totals["kl_background"]
     assert background_only["fg_class"] == background_only["fg_other"] == 0.0
     assert background_only["bg_down"] + background_only["bg_up"] > 0
+    run_main(ablation, tmp_path, "--rows", "teacher_same")
+    trained = distill_gradients.main(["--quick", "--student", "teacher_same", "--batches", "1", "--work_dir",
+                                      str(work)])
+    assert trained["kl"]["mass"] != totals["kl"]["mass"]  # another student, other gradients

@@ -26,10 +26,10 @@ Every finished run is a record in `docs/results.json` (`regime`, `dataset`, `row
 fractions, `steps`, `seconds`; and which checkpoints it started from: `start_map`, the mAP of its pretrained start,
 and for distilled rows `teacher_map`, its teacher's), rewritten after each run: a rerun skips what is recorded
 (resumable, also across machines once the file is committed). Checkpoints of teachers and of the pretraining stay in
-the work dir; a row whose teacher checkpoint is gone trains that teacher again first. That is deterministic on the CPU
-for one version of the code, but a change in floating-point order (a faster loss kernel) gives a slightly different
-network, so the report pairs only rows that started from the same checkpoints. It (docs/results.md,
-docs/ablation.png) compares each claim's rows with paired differences per seed.
+the work dir; a row whose teacher checkpoint is gone trains that teacher again first. That is deterministic for one
+version of the code on one CPU, but another version or CPU (another floating-point order) gives a different network,
+so the report pairs only rows that started from the same checkpoints. The report (docs/results.md, docs/ablation.png)
+compares each claim's rows with paired differences per seed.
 """
 
 from __future__ import annotations
@@ -377,9 +377,9 @@ def paired(runs: dict, dataset: str, better: str, worse: str) -> list[float]:
 
 def same_checkpoints(a: dict, b: dict, row_a: Row, row_b: Row) -> bool:
     """Whether two records of a seed started from the same pretrained checkpoint and, when both are distilled from
-    the same teacher row, from the same teacher checkpoint. A work dir trained again after a change in the code's
-    floating-point order (a later session) holds slightly different checkpoints: rows from the old and the new ones
-    are not a pair. Records without these fields (older ones) are taken as paired."""
+    the same teacher row, from the same teacher checkpoint. A work dir trained again by another version of the code or
+    on another CPU (another floating-point order) holds different checkpoints: rows from the old and the new ones are
+    not a pair. Records without these fields (older ones) are taken as paired."""
     if row_a.model == row_b.model and a.get("start_map") != b.get("start_map"):
         return False
     one_teacher = "none" not in (row_a.distill_loss, row_b.distill_loss) and row_a.teacher == row_b.teacher
@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             init, pretrained = pretrain(setting, row.model, work_dir)
             stage = ("pretraining", 0, f"pretrain_{row.model}")
             # The stage as a record of its own; replaced when a new work dir trained it again and got another result
-            # (the runs are deterministic for one version of the code, not across changes in floating-point order).
+            # (the runs are deterministic for one version of the code on one CPU, not across floating-point orders).
             if pretrained is not None and runs.get(stage, {}).get("map") != pretrained["map"]:
                 record(*stage, pretrained)
         result = run_row(row, dataset, seed, setting, work_dir / f"{dataset}-{seed}", init)

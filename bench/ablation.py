@@ -361,18 +361,20 @@ def summarize(runs: dict, dataset: str, row: str) -> tuple[float, float, int, fl
     return statistics.mean(values), std, len(values), statistics.mean(r["seconds"] for r in found)
 
 
-def paired(runs: dict, dataset: str, better: str, worse: str) -> list[float]:
-    """Per-seed differences (mAP points) of two rows, over the seeds where both ran from the same checkpoints (see
-    `same_checkpoints`). Against a teacher row, a distilled row is compared with the teacher it was distilled from."""
-    seeds = sorted({s for (d, s, k) in runs if d == dataset and k == better})
-    differences = []
-    for seed in seeds:
+def paired(runs: dict, dataset: str, better: str, worse: str) -> tuple[list[float], list[int]]:
+    """Per-seed differences (mAP points) of two rows over the seeds where both ran from the same checkpoints (see
+    `same_checkpoints`), and the seeds where both ran from different ones (not compared). Against a teacher row, a
+    distilled row is compared with the teacher it was distilled from."""
+    differences, unpaired = [], []
+    for seed in sorted({s for (d, s, k) in runs if d == dataset and k == better}):
         a, b = runs[(dataset, seed, better)], runs.get((dataset, seed, worse))
         if worse == ROWS[better].teacher and a.get("teacher_map") is not None:
             differences.append(100 * (a["map"] - a["teacher_map"]))
         elif b is not None and same_checkpoints(a, b, ROWS[better], ROWS[worse]):
             differences.append(100 * (a["map"] - b["map"]))
-    return differences
+        elif b is not None:
+            unpaired.append(seed)
+    return differences, unpaired
 
 
 def same_checkpoints(a: dict, b: dict, row_a: Row, row_b: Row) -> bool:
@@ -384,13 +386,6 @@ def same_checkpoints(a: dict, b: dict, row_a: Row, row_b: Row) -> bool:
         return False
     one_teacher = "none" not in (row_a.distill_loss, row_b.distill_loss) and row_a.teacher == row_b.teacher
     return not one_teacher or a.get("teacher_map") == b.get("teacher_map")
-
-
-def unpaired_seeds(runs: dict, dataset: str, better: str, worse: str) -> list[int]:
-    """Seeds where both rows ran but from different checkpoints (not compared by `paired`)."""
-    return [s for (d, s, k), a in sorted(runs.items()) if d == dataset and k == better and (d, s, worse) in runs
-            and not (worse == ROWS[better].teacher and a.get("teacher_map") is not None)
-            and not same_checkpoints(a, runs[(d, s, worse)], ROWS[better], ROWS[worse])]
 
 
 def verdict(differences: list[float]) -> str:
@@ -409,7 +404,7 @@ def claim_lines(runs: dict, datasets: list[str]) -> list[str]:
     lines = []
     for dataset in datasets:
         for claim, name, better, worse in CLAIMS:
-            differences, unpaired = paired(runs, dataset, better, worse), unpaired_seeds(runs, dataset, better, worse)
+            differences, unpaired = paired(runs, dataset, better, worse)
             note = (f"; not paired (other checkpoints): seed {', '.join(map(str, unpaired))}" if unpaired else "")
             if differences:
                 per_seed = ", ".join(f"{d:+.1f}" for d in differences)

@@ -26,10 +26,10 @@ from pathlib import Path
 import ablation
 import torch
 
-from hf_sad import SADForObjectDetection, SADTrainer
+from hf_sad import SADForObjectDetection, SADImageProcessor, SADTrainer
 from hf_sad.demo import training_arguments
 from hf_sad.detection_loss import detection_loss
-from hf_sad.distillation import _normalizer, distillation_term
+from hf_sad.distillation import _normalizer, distillation_term, distilled_anchors
 
 #: The grid's labeled-only distillation rows.
 LOSSES = ("kl", "fdl", "adl", "adl_released", "kl_background")
@@ -66,11 +66,13 @@ def measure(dataset: str, seed: int, student_from: str, batches: int, quick: boo
         if not (folder / "model.safetensors").is_file():
             raise SystemExit(f"No {row} in {folder}: run `python bench/ablation.py --datasets {dataset} "
                              f"--only_seeds {seed} --rows {row}{' --quick' if quick else ''}` first.")
-    init, _ = ablation.pretrain(setting, "student", work)
     train, _, _, _, id2label, size = ablation.scenario(dataset, seed, setting)
-    student, processor = ablation.build(setting, "student", id2label, size, seed, init)
-    if student_from != "start":
+    if student_from == "start":
+        init, _ = ablation.pretrain(setting, "student", work)
+        student, processor = ablation.build(setting, "student", id2label, size, seed, init)
+    else:
         student = SADForObjectDetection.from_pretrained(folders[student_from])
+        processor = SADImageProcessor.from_pretrained(folders[student_from])
     teacher = SADForObjectDetection.from_pretrained(folders["teacher"]).eval()
     student.eval()  # the backbone's BatchNorm is frozen anyway; nothing changes while measuring
     args = {key: training_arguments(replace(setting, seed=seed), work / "gradients", 1,
@@ -91,7 +93,7 @@ def measure(dataset: str, seed: int, student_from: str, batches: int, quick: boo
         anchor_labels = supervised.assignment.labels
         terms = {"supervised": supervised.loss}  # the box term does not depend on the logits
         for key in LOSSES:
-            keep = anchor_labels == 0 if args[key].distill_entries == "background" else anchor_labels >= 0
+            keep = distilled_anchors(anchor_labels, args[key])
             normalizer = _normalizer(teacher_logits, anchor_labels, keep, torch.ones_like(keep), args[key])
             terms[key], _ = distillation_term(logits, teacher_logits, keep, normalizer, args[key])
         grads = {key: torch.autograd.grad(term, logits, retain_graph=True)[0] for key, term in terms.items()}

@@ -42,7 +42,8 @@ def test_summary_and_paired_verdicts(ablation):
                                     "sad": [0.2]}), REGIME)
     mean, std, n, seconds = ablation.summarize(runs, "synthetic", "baseline")
     assert (round(mean, 6), round(std, 6), n, seconds) == (12.0, 2.0, 3, 11.0)
-    assert ablation.paired(runs, "synthetic", "adl", "baseline") == pytest.approx([1.0, 1.0, 1.0])
+    differences, unpaired = ablation.paired(runs, "synthetic", "adl", "baseline")
+    assert differences == pytest.approx([1.0, 1.0, 1.0]) and unpaired == []
     lines = "\n".join(ablation.claim_lines(runs, ["synthetic"]))
     assert "C1' ADL beats the supervised baseline: +1.0 points on average (seeds: +1.0, +1.0, +1.0): supported" in lines
     assert "C1 ADL beats KL (labeled only): +1.7 points on average (seeds: -1.0, +1.0, +5.0): mixed" in lines
@@ -132,10 +133,12 @@ def test_only_rows_from_the_same_checkpoints_are_paired(ablation, tmp_path, monk
             runs[("synthetic", seed, key)]["teacher_map"] = 0.50
     runs[("synthetic", 1, "adl")].update(start_map=0.35, teacher_map=0.49)  # after a retrain
     runs[("synthetic", 1, "teacher")]["map"] = 0.49  # the retrained teacher's record replaced the old one
-    assert ablation.paired(runs, "synthetic", "adl", "kl") == pytest.approx([-2.0])
-    assert ablation.unpaired_seeds(runs, "synthetic", "adl", "kl") == [1]
-    assert ablation.paired(runs, "synthetic", "adl", "baseline") == pytest.approx([8.0])  # other start at seed 1
-    assert ablation.paired(runs, "synthetic", "sad", "teacher") == pytest.approx([-5.0, -5.0])  # its own teacher
+    differences, unpaired = ablation.paired(runs, "synthetic", "adl", "kl")
+    assert differences == pytest.approx([-2.0]) and unpaired == [1]
+    differences, unpaired = ablation.paired(runs, "synthetic", "adl", "baseline")
+    assert differences == pytest.approx([8.0]) and unpaired == [1]  # other start at seed 1
+    differences, unpaired = ablation.paired(runs, "synthetic", "sad", "teacher")
+    assert differences == pytest.approx([-5.0, -5.0]) and unpaired == []  # compared with its own teacher
     lines = "\n".join(ablation.claim_lines(runs, ["synthetic"]))
     assert "C1 ADL beats KL (labeled only): -2.0 points on average (seeds: -2.0): one seed; not paired (other " \
            "checkpoints): seed 1" in lines

@@ -246,9 +246,7 @@ def sad_loss(
     if args.distill_loss == "hard":
         return SADLossOutput(loss, metrics)
 
-    keep = assignment_labels >= 0  # drop anchors in the ignore band of the real or pseudo boxes
-    if args.distill_entries == "background":
-        keep = assignment_labels == 0
+    keep = distilled_anchors(assignment_labels, args)
     if args.teacher_confidence_mask is not None:  # uncertainty-aware: only where the teacher is sure of every class
         certain = binary_entropy(teacher_outputs.logits).amax(-1) < args.teacher_confidence_mask
         metrics["teacher_certain_fraction"] = certain.float().mean()
@@ -268,6 +266,15 @@ def sad_loss(
         if args.distill_loss == "adl":
             metrics[f"adl_mean_weight_{name}"] = stats["mean_weight"]
     return SADLossOutput(loss, metrics)
+
+
+def distilled_anchors(assignment_labels: torch.Tensor, args: DistillationArguments) -> torch.Tensor:
+    """(B, N) bool: the anchors distilled, given their (B, N) assignment (1 foreground, 0 background, -1 ignore band
+    of the real or pseudo boxes): every anchor outside the ignore band, or background only
+    (`args.distill_entries == "background"`)."""
+    if args.distill_entries == "background":
+        return assignment_labels == 0
+    return assignment_labels >= 0
 
 
 def _normalizer(

@@ -3,8 +3,10 @@
     python bench/ablation.py [--regime pretrained-miniature] [--datasets synthetic,bccd] [--seeds 3]
                              [--only_seeds 0,2] [--rows teacher,baseline,...] [--quick] [--work_dir runs/ablation]
 
-On a machine with several cores, run one process per group of seeds (`--only_seeds`, `OMP_NUM_THREADS` set so that
-they do not share cores): they share the pretraining checkpoints and docs/results.json.
+On a machine with several cores, run several processes (`OMP_NUM_THREADS` set so that they do not share cores), e.g.
+one per group of seeds (`--only_seeds`) or per list of rows (`--rows`; the lists may overlap): they share the
+pretraining checkpoints and docs/results.json, leave a row another process is training to it, and wait for a teacher
+another process is training.
 
 Regimes (`REGIMES`):
 - `first-miniature`: the first grid: the demo's 6-class scenes and BCCD, everything from scratch, a few hundred steps.
@@ -44,7 +46,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from transformers import TrainerCallback
 
 from hf_sad import create_detector
@@ -560,22 +562,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
             result["teacher_map"] = teacher["map"]
         record(dataset, seed, key, result)
 
-    for i, (dataset, seed, key) in enumerate(todo, 1):
+    def recorded(dataset: str, seed: int, key: str) -> bool:
         records[:] = load_records(results_file)  # other grid processes may have recorded runs meanwhile
         runs.update(by_key(records, regime.name))
-        if (dataset, seed, key) in runs:
+        return (dataset, seed, key) in runs
+
+    for i, (dataset, seed, key) in enumerate(todo, 1):
+        if recorded(dataset, seed, key):
             continue
         problem = check_gate(regime, runs, dataset, seed)
         if problem and key not in ("teacher", "gate_student"):
             raise SystemExit(f"The gate fails: {problem}")
         row, work = ROWS[key], work_dir / f"{dataset}-{seed}"
-        print(f"[{i}/{len(todo)}] {dataset} seed {seed}: {row.label} ({time.perf_counter() - start:.0f} s)", flush=True)
-        # A distillation row needs its teacher's checkpoint, which a finished grid may no longer have on disk (a
-        # later session, another machine): train that teacher again (deterministic); its new record replaces the old.
-        if row.distill_loss != "none" and not (work / row.teacher / "model.safetensors").is_file():
-            print(f"  no {row.teacher} checkpoint in {work}: training it first", flush=True)
-            run_and_record(row.teacher, dataset, seed)
-        run_and_record(key, dataset, seed)
+        work.mkdir(parents=True, exist_ok=True)
+        # Grid processes sharing a work dir split the rows between them: a row another process is training is left
+        # to it (its record appears when it ends), so lists of rows may overlap.
+        lock = FileLock(work / f".{key}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"[{i}/{len(todo)}] {dataset} seed {seed}: {key} is running in another process: skipped", flush=True)
+            continue
+        with lock:
+            if recorded(dataset, seed, key):
+                continue
+            print(f"[{i}/{len(todo)}] {dataset} seed {seed}: {row.label} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+            # A distillation row needs its teacher's checkpoint, which a finished grid may no longer have on disk (a
+            # later session, another machine): train that teacher again (deterministic; its new record replaces the
+            # old), or wait while another process trains it.
+            if row.distill_loss != "none":
+                with FileLock(work / f".{row.teacher}.lock"):
+                    if not (work / row.teacher / "model.safetensors").is_file():
+                        print(f"  no {row.teacher} checkpoint in {work}: training it first", flush=True)
+                        run_and_record(row.teacher, dataset, seed)
+            run_and_record(key, dataset, seed)
     command = "python bench/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(records, command.strip(), docs / "results.md")
     write_chart(records, docs / "ablation.png")

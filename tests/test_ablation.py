@@ -4,6 +4,8 @@ report's generated and hand-written parts."""
 import importlib.util
 import json
 import sys
+import threading
+import time
 
 import pytest
 
@@ -195,6 +197,50 @@ def test_only_seeds_runs_those_seeds_and_skips_what_another_process_recorded(abl
                    "--rows", "teacher,baseline,adl", "--work_dir", str(tmp_path / "work"),
                    "--docs_dir", str(tmp_path / "docs")])
     assert calls == [("teacher", 1), ("adl", 1)]
+
+
+def test_processes_split_the_rows_and_wait_for_a_teacher_another_one_trains(ablation, tmp_path, monkeypatch, quiet,
+                                                                             capsys):
+    """Two grid processes with overlapping row lists: a row the other process is training is left to it, and a
+    distilled row waits for the teacher the other process is training instead of training it a second time."""
+    from filelock import FileLock
+
+    calls, work = [], tmp_path / "work" / REGIME / "quick" / "synthetic-0"
+    work.mkdir(parents=True)
+
+    def fake_run_row(row, dataset, seed, setting, folder, init):
+        calls.append(row.key)  # saves no checkpoint
+        return {"map": 0.02, "map_50": 0.04, "steps": 2, "seconds": 1.0}
+
+    def other_process(row: str, seconds: float, then=lambda: None) -> threading.Thread:
+        """A thread that holds `row`'s lock for `seconds`, then runs `then`, as a process training `row` would."""
+        holding = threading.Event()
+
+        def train():
+            with FileLock(work / f".{row}.lock"):
+                holding.set()
+                time.sleep(seconds)
+                then()
+
+        thread = threading.Thread(target=train)
+        thread.start()
+        holding.wait()
+        return thread
+
+    monkeypatch.setattr(ablation, "run_row", fake_run_row)
+    monkeypatch.setattr(ablation, "pretrain", lambda setting, architecture, work: (work, None))
+    thread = other_process("baseline", 1.0)
+    run_main(ablation, tmp_path, "--rows", "baseline,fdl")
+    thread.join()
+    assert calls == ["teacher", "fdl"]
+    assert "synthetic seed 0: baseline is running in another process: skipped" in capsys.readouterr().out
+
+    calls.clear()
+    thread = other_process("teacher", 0.5, lambda: ((work / "teacher").mkdir(),
+                                                    (work / "teacher" / "model.safetensors").write_bytes(b"")))
+    run_main(ablation, tmp_path, "--rows", "adl")
+    thread.join()
+    assert calls == ["adl"]  # the teacher was not trained twice
 
 
 def test_the_pretraining_record_is_kept_beside_its_checkpoint(ablation, tmp_path, monkeypatch):

@@ -212,32 +212,39 @@ def test_processes_split_the_rows_and_wait_for_a_teacher_another_one_trains(abla
         calls.append(row.key)  # saves no checkpoint
         return {"map": 0.02, "map_50": 0.04, "steps": 2, "seconds": 1.0}
 
-    def other_process(row: str, seconds: float, then=lambda: None) -> threading.Thread:
-        """A thread that holds `row`'s lock for `seconds`, then runs `then`, as a process training `row` would."""
+    def other_process(row: str, training) -> threading.Thread:
+        """A thread that holds `row`'s lock while `training()` runs, as a process training `row` would."""
         holding = threading.Event()
 
         def train():
             with FileLock(work / f".{row}.lock"):
                 holding.set()
-                time.sleep(seconds)
-                then()
+                training()
 
         thread = threading.Thread(target=train)
         thread.start()
         holding.wait()
         return thread
 
+    def teacher_saved_half_a_second_later():
+        time.sleep(0.5)
+        (work / "teacher").mkdir()
+        (work / "teacher" / "model.safetensors").write_bytes(b"")
+
     monkeypatch.setattr(ablation, "run_row", fake_run_row)
     monkeypatch.setattr(ablation, "pretrain", lambda setting, architecture, work: (work, None))
-    thread = other_process("baseline", 1.0)
-    run_main(ablation, tmp_path, "--rows", "baseline,fdl")
-    thread.join()
+    grid_done = threading.Event()
+    thread = other_process("baseline", grid_done.wait)  # trains the baseline for as long as the grid below runs
+    try:
+        run_main(ablation, tmp_path, "--rows", "baseline,fdl")
+    finally:
+        grid_done.set()
+        thread.join()
     assert calls == ["teacher", "fdl"]
     assert "synthetic seed 0: baseline is running in another process: skipped" in capsys.readouterr().out
 
     calls.clear()
-    thread = other_process("teacher", 0.5, lambda: ((work / "teacher").mkdir(),
-                                                    (work / "teacher" / "model.safetensors").write_bytes(b"")))
+    thread = other_process("teacher", teacher_saved_half_a_second_later)
     run_main(ablation, tmp_path, "--rows", "adl")
     thread.join()
     assert calls == ["adl"]  # the teacher was not trained twice

@@ -5,7 +5,7 @@ import importlib.util
 import json
 import sys
 import threading
-import time
+from pathlib import Path
 
 import pytest
 
@@ -226,13 +226,25 @@ def test_processes_split_the_rows_and_wait_for_a_teacher_another_one_trains(abla
         holding.wait()
         return thread
 
-    def teacher_saved_half_a_second_later():
-        time.sleep(0.5)
+    grid_wants_the_teacher = threading.Event()
+
+    class WatchedLock(FileLock):
+        """The grid's lock, which tells the test when the grid asks for the teacher's."""
+
+        def acquire(self, *args, **kwargs):
+            if Path(self.lock_file).name == ".teacher.lock":
+                grid_wants_the_teacher.set()
+            return super().acquire(*args, **kwargs)
+
+    def teacher_saved_once_the_grid_waits_for_it():
+        # A grid without the teacher's lock never asks for it; then the checkpoint comes too late for it.
+        grid_wants_the_teacher.wait(timeout=5)
         (work / "teacher").mkdir()
         (work / "teacher" / "model.safetensors").write_bytes(b"")
 
     monkeypatch.setattr(ablation, "run_row", fake_run_row)
     monkeypatch.setattr(ablation, "pretrain", lambda setting, architecture, work: (work, None))
+    monkeypatch.setattr(ablation, "FileLock", WatchedLock)
     grid_done = threading.Event()
     thread = other_process("baseline", grid_done.wait)  # trains the baseline for as long as the grid below runs
     try:
@@ -244,7 +256,7 @@ def test_processes_split_the_rows_and_wait_for_a_teacher_another_one_trains(abla
     assert "synthetic seed 0: baseline is running in another process: skipped" in capsys.readouterr().out
 
     calls.clear()
-    thread = other_process("teacher", teacher_saved_half_a_second_later)
+    thread = other_process("teacher", teacher_saved_once_the_grid_waits_for_it)
     run_main(ablation, tmp_path, "--rows", "adl")
     thread.join()
     assert calls == ["adl"]  # the teacher was not trained twice

@@ -350,6 +350,8 @@ CLAIMS = [
     ("C5", "the SAD student surpasses its teacher", "sad", "teacher"),
     ("C5'", "the SAD student beats a baseline trained on as many images", "sad", "baseline_long"),
     ("", "the released protocol beats ours", "sad_released", "sad"),
+    ("", "the released ADL variant beats ours (labeled only)", "adl_released", "adl"),
+    ("", "KL on background anchors only beats the baseline", "kl_background", "baseline"),
 ]
 
 
@@ -406,14 +408,15 @@ def claim_lines(runs: dict, datasets: list[str]) -> list[str]:
     lines = []
     for dataset in datasets:
         for claim, name, better, worse in CLAIMS:
+            name = f"{claim} {name}".strip()
             differences, unpaired = paired(runs, dataset, better, worse)
             note = (f"; not paired (other checkpoints): seed {', '.join(map(str, unpaired))}" if unpaired else "")
             if differences:
                 per_seed = ", ".join(f"{d:+.1f}" for d in differences)
-                lines.append(f"- {dataset}: {claim} {name}: {statistics.mean(differences):+.1f} points on average "
+                lines.append(f"- {dataset}: {name}: {statistics.mean(differences):+.1f} points on average "
                              f"(seeds: {per_seed}): {verdict(differences)}{note}")
             elif unpaired:
-                lines.append(f"- {dataset}: {claim} {name}: no pair{note}")
+                lines.append(f"- {dataset}: {name}: no pair{note}")
     return lines
 
 

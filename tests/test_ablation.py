@@ -41,7 +41,7 @@ def run_main(ablation, tmp_path, *args):
 
 def test_summary_and_paired_verdicts(ablation):
     runs = ablation.by_key(records({"baseline": [0.10, 0.12, 0.14], "adl": [0.11, 0.13, 0.15], "kl": [0.12, 0.12, 0.1],
-                                    "sad": [0.2]}), REGIME)
+                                    "sad": [0.2], "sad_released": [0.21]}), REGIME)
     mean, std, n, seconds = ablation.summarize(runs, "synthetic", "baseline")
     assert (round(mean, 6), round(std, 6), n, seconds) == (12.0, 2.0, 3, 11.0)
     differences, unpaired = ablation.paired(runs, "synthetic", "adl", "baseline")
@@ -50,6 +50,7 @@ def test_summary_and_paired_verdicts(ablation):
     assert "C1' ADL beats the supervised baseline: +1.0 points on average (seeds: +1.0, +1.0, +1.0): supported" in lines
     assert "C1 ADL beats KL (labeled only): +1.7 points on average (seeds: -1.0, +1.0, +5.0): mixed" in lines
     assert "C5 " not in lines  # the teacher did not run: not judged
+    assert "- synthetic: the released protocol beats ours: +1.0 points on average (seeds: +1.0): one seed" in lines
     assert ablation.verdict([-1.0, -2.0]) == "not supported" and ablation.verdict([3.0]) == "one seed"
 
 

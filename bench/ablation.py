@@ -340,6 +340,9 @@ def check_gate(regime: Regime, runs: dict, dataset: str, seed: int) -> str | Non
 # Report
 # ----------------------------------------------------------------------------------------------------------------------
 
+# mAP points: paired differences of this size change sign from seed to seed in the grid, so no claim rests on them.
+SMALLEST_EFFECT = 1.0
+
 CLAIMS = [
     ("C1", "ADL beats KL (labeled only)", "adl", "kl"),
     ("C1", "ADL beats focal distillation (labeled only)", "adl", "fdl"),
@@ -392,11 +395,14 @@ def same_checkpoints(a: dict, b: dict, row_a: Row, row_b: Row) -> bool:
     return not one_teacher or a.get("teacher_map") == b.get("teacher_map")
 
 
-def verdict(differences: list[float]) -> str:
+def verdict(differences: list[float], smallest: float = SMALLEST_EFFECT) -> str:
     """'supported' when every seed's paired difference is positive, 'not supported' when every one is negative,
-    else 'mixed'; with one seed, 'one seed' (too little to judge)."""
+    else 'mixed'; 'too small' when the mean is under `smallest` points either way (seeds of one row differ by more
+    than that), and 'one seed' with a single seed (too little to judge)."""
     if len(differences) < 2:
         return "one seed"
+    if round(abs(statistics.mean(differences)), 1) < smallest:  # as the report prints it
+        return f"too small (under {smallest:g} point)"
     if all(d > 0 for d in differences):
         return "supported"
     if all(d < 0 for d in differences):

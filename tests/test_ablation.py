@@ -52,6 +52,8 @@ def test_summary_and_paired_verdicts(ablation):
     assert "C5 " not in lines  # the teacher did not run: not judged
     assert "- synthetic: the released protocol beats ours: +1.0 points on average (seeds: +1.0): one seed" in lines
     assert ablation.verdict([-1.0, -2.0]) == "not supported" and ablation.verdict([3.0]) == "one seed"
+    assert ablation.verdict([0.3, 0.5]) == "too small (under 1 point)"  # same sign, but smaller than seeds differ
+    assert ablation.verdict([0.5, 1.7]) == "supported"
 
 
 def test_gate_blocks_the_grid_until_the_teacher_is_good_and_better(ablation):

@@ -353,3 +353,17 @@ def test_distill_gradients_measures_each_loss_against_a_trained_teacher(ablation
     trained = distill_gradients.main(["--quick", "--student", "teacher_same", "--batches", "1", "--work_dir",
                                       str(work)])
     assert trained["kl"]["mass"] != totals["kl"]["mass"]  # another student, other gradients
+
+
+def test_bccd_shifted_stream_is_the_same_smears_in_another_stain(ablation):
+    """C4's shifted stream keeps the classes: BCCD's is its own unlabeled half, recoloured (not shapes of another
+    domain)."""
+    import numpy as np
+
+    setting = ablation.REGIMES[REGIME].datasets["bccd"]
+    _, _, unlabeled, shifted, _, _ = ablation.scenario("bccd", 0, setting)
+    assert len(shifted) == len(unlabeled) > 0
+    original, recoloured = unlabeled[0]["image"].convert("RGB"), shifted[0]["image"]
+    assert recoloured.size == original.size
+    difference = np.abs(np.asarray(recoloured, dtype=np.int16) - np.asarray(original, dtype=np.int16))
+    assert difference.mean() > 3  # recoloured: well above the 1-level rounding of an identity round trip

@@ -54,6 +54,19 @@ def test_encode_decode_round_trip():
     torch.testing.assert_close(encode_boxes(anchors, anchors), torch.zeros(50, 4))
 
 
+def test_encode_and_decode_known_values():
+    """Worked by hand: anchor (0, 0, 10, 20) has centre (5, 10) and size 10 x 20; box (5, 5, 25, 45) has centre
+    (15, 25) and size 20 x 40: deltas ((15 - 5) / 10, (25 - 10) / 20, log 2, log 2)."""
+    anchor = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    box = torch.tensor([[5.0, 5.0, 25.0, 45.0]])
+    expected = torch.tensor([[1.0, 0.75, math.log(2), math.log(2)]])
+    torch.testing.assert_close(encode_boxes(box, anchor), expected)
+    torch.testing.assert_close(decode_boxes(expected, anchor), box)
+    # A wide box on a tall anchor: x and y, widths and heights are not interchangeable.
+    wide = torch.tensor([[-5.0, 5.0, 15.0, 15.0]])  # centre (5, 10), 20 x 10
+    torch.testing.assert_close(encode_boxes(wide, anchor), torch.tensor([[0.0, 0.0, math.log(2), math.log(0.5)]]))
+
+
 def test_decode_clamps_huge_deltas():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     boxes = decode_boxes(torch.tensor([[0.0, 0.0, 1e4, 1e4]]), anchors)

@@ -5,35 +5,40 @@ import pytest
 import torch
 from torchvision.ops import box_convert, sigmoid_focal_loss
 
-from hf_sad.box_ops import encode_boxes
-from hf_sad.detection_loss import assign_anchors, sigmoid_focal_loss_sum
+from hf_sad.detection_loss import assign_anchors, box_loss, detection_loss, sigmoid_focal_loss_sum
 
-from .utils import LABELS, make_labels, tiny_detector
+from .utils import LABELS, make_labels, reference_detection_loss, tiny_detector
 
 
-def test_focal_and_box_loss_match_independent_computation(tiny_model):
+@pytest.mark.parametrize("box_loss_weight", [1.0, 0.3])
+def test_focal_and_box_loss_match_independent_computation(tiny_model, box_loss_weight):
+    """`detection_loss` against RetinaNet's loss written out from its definition (tests/utils.py, its own matching
+    and box coding), on random logits and deltas: with the prior-initialised head the ignored anchors' share would
+    be too small to notice, here it is not."""
     model, _ = tiny_model
     labels = make_labels([(0, 0.5, 0.5, 0.4, 0.3), (2, 0.2, 0.25, 0.15, 0.2)], [(1, 0.7, 0.6, 0.3, 0.5)])
-    out = model(torch.randn(2, 3, 128, 128), labels=labels)
-    assignment = assign_anchors(out.anchors, labels, out.image_sizes, model.config)
+    out = model(torch.randn(2, 3, 128, 128))
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(out.logits.shape, generator=generator) * 2
+    deltas = torch.randn(out.box_regression.shape, generator=generator) * 0.5
+    config = model.config
+    config.box_loss_weight = box_loss_weight
+    loss = detection_loss(logits, deltas, out.anchors, labels, out.image_sizes, config)
 
-    # Independent: per image, one-hot targets from the assignment, torchvision's focal loss on non-ignored anchors.
-    cls_sum, box_sum, num_pos = 0.0, 0.0, 0
-    for i, target in enumerate(labels):
-        pos = assignment.labels[i] == 1
-        valid = assignment.labels[i] >= 0
-        matched = assignment.matched_idx[i]
-        onehot = torch.zeros_like(out.logits[i])
-        onehot[pos, target["class_labels"][matched[pos]]] = 1
-        cls_sum += sigmoid_focal_loss(out.logits[i][valid], onehot[valid], alpha=0.25, gamma=2.0, reduction="sum")
-        gt = box_convert(target["boxes"] * 128, "cxcywh", "xyxy")[matched[pos]]
-        deltas = encode_boxes(gt, out.anchors[pos])
-        box_sum += torch.nn.functional.smooth_l1_loss(out.box_regression[i][pos], deltas, beta=1 / 9, reduction="sum")
-        num_pos += int(pos.sum())
-    assert num_pos > 0
-    torch.testing.assert_close(out.loss_dict["loss_cls"], cls_sum.detach() / num_pos)
-    torch.testing.assert_close(out.loss_dict["loss_box"], box_sum.detach() / num_pos)
-    torch.testing.assert_close(out.loss, (cls_sum + box_sum) / num_pos)
+    boxes = [box_convert(t["boxes"] * 128, "cxcywh", "xyxy") for t in labels]
+    focal, box, positives = reference_detection_loss(logits, deltas, out.anchors, boxes,
+                                                     [t["class_labels"] for t in labels])
+    assert positives > 0 and loss.loss_dict["num_positives"] == positives
+    # float32 sums over ~2e4 entries against float64: relative error ~1e-6
+    torch.testing.assert_close(loss.loss_dict["loss_cls"].double(), torch.tensor(focal).double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.loss_dict["loss_box"].double(), torch.tensor(box).double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.loss.double(), torch.tensor(focal + box_loss_weight * box).double(), rtol=1e-5,
+                               atol=0)
+    # Counting the ignored anchors as background would move the focal loss far beyond that tolerance.
+    ignored = loss.assignment.labels == -1
+    assert ignored.any()
+    share = sigmoid_focal_loss(logits[ignored], torch.zeros_like(logits[ignored]), reduction="sum") / positives
+    assert share > 1e-3 * focal
 
 
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 0.0), (0.9, 1.5), (-1, 3.0)])
@@ -70,11 +75,54 @@ def test_sigmoid_focal_loss_sum_is_finite_in_float32_for_saturated_logits():
     torch.testing.assert_close(loss, torch.tensor(0.25 * 1e4 + 0.75 * 1e4 + 0.25 * 88 + 0.75 * 88))
 
 
-def test_giou_box_loss_runs_and_is_bounded():
+def test_giou_box_loss_values_by_hand():
+    """GIoU loss = 1 - IoU + (enclosing area - union) / enclosing area per positive, divided by the positives: 0 for
+    deltas that decode to the box, and for a box shifted by half its width 1 - 1/3 + 0 = 2/3."""
     model, _ = tiny_detector(id2label=LABELS, box_loss="giou")
-    out = model(torch.randn(1, 3, 128, 128), labels=make_labels([(1, 0.5, 0.5, 0.5, 0.5)]))
-    assert 0 <= out.loss_dict["loss_box"] <= 2  # GIoU loss per box lies in [0, 2]
-    out.loss.backward()
+    labels = make_labels([(1, 0.5, 0.5, 0.5, 0.5)])
+    out = model(torch.randn(1, 3, 128, 128), labels=labels)
+    assignment = assign_anchors(out.anchors, labels, out.image_sizes, model.config)
+    positive = assignment.labels[0] == 1
+    target = torch.tensor([32.0, 32.0, 96.0, 96.0])  # the box in pixels
+    anchors = out.anchors[positive]
+    exact = torch.zeros_like(out.box_regression)
+    aw, ah = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+    exact[0, positive] = torch.stack([(target[0] + target[2] - anchors[:, 0] - anchors[:, 2]) / 2 / aw,
+                                      (target[1] + target[3] - anchors[:, 1] - anchors[:, 3]) / 2 / ah,
+                                      torch.log(64 / aw), torch.log(64 / ah)], dim=1)
+    loss = box_loss(exact, out.anchors, labels, out.image_sizes, assignment, model.config)
+    torch.testing.assert_close(loss, torch.tensor(0.0), rtol=0, atol=1e-6)
+    shifted = exact.clone()
+    shifted[0, positive, 0] += 32 / aw  # half the box's width to the right: IoU 1/3, the union fills its hull
+    loss = box_loss(shifted, out.anchors, labels, out.image_sizes, assignment, model.config)
+    torch.testing.assert_close(loss, torch.tensor(2 / 3), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["giou", "smooth_l1"])
+def test_box_loss_gradient_matches_finite_differences(kind):
+    """The box loss's gradient w.r.t. the predicted deltas against central finite differences (float64 gradcheck),
+    at deltas away from smooth-L1's kink: a loss that sends no gradient, or a wrong one, to the box head fails."""
+    model, _ = tiny_detector(id2label=LABELS, box_loss=kind)
+    labels = make_labels([(1, 0.5, 0.5, 0.5, 0.4), (0, 0.3, 0.7, 0.2, 0.3)])
+    out = model(torch.randn(1, 3, 128, 128))
+    assignment = assign_anchors(out.anchors, labels, out.image_sizes, model.config)
+    generator = torch.Generator().manual_seed(0)
+    deltas = (torch.randn(out.box_regression.shape, generator=generator, dtype=torch.float64) * 0.3).requires_grad_()
+    positive = assignment.labels[0] == 1
+
+    def loss(d):
+        return box_loss(d, out.anchors, labels, out.image_sizes, assignment, model.config)
+
+    def loss_of_positives(values):  # gradcheck perturbs these few entries only (the others get no gradient below)
+        full = deltas.detach().clone()
+        full[0, positive] = values
+        return loss(full)
+
+    assert loss(deltas).dtype == torch.float64
+    positives = deltas.detach()[0, positive].clone().requires_grad_()
+    assert torch.autograd.gradcheck(loss_of_positives, (positives,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    loss(deltas).backward()
+    assert deltas.grad[0, positive].abs().sum(-1).min() > 0 and not deltas.grad[0, ~positive].any()
 
 
 def test_empty_targets_are_valid_negatives(tiny_model):

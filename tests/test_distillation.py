@@ -298,3 +298,54 @@ def test_normaliser_counts_all_anchors_or_the_distilled_ones_and_background_only
     everything = {"distill_normalizer_anchors": "distilled"}
     assert not torch.equal(run(changed, **everything)["loss_distill_labeled"],
                            run(teacher_outputs, **everything)["loss_distill_labeled"])
+
+
+#: weight -> the settings it is checked under and the (unweighted) term it multiplies, as `sad_loss` logs it.
+WEIGHTED_TERMS = {
+    "labeled_distill_weight/adl": ("labeled_distill_weight", {"distill_loss": "adl"}, "loss_distill_labeled"),
+    "labeled_distill_weight/kl": ("labeled_distill_weight", {"distill_loss": "kl"}, "loss_distill_labeled"),
+    "unlabeled_distill_weight/adl": ("unlabeled_distill_weight", {"distill_loss": "adl"}, "loss_distill_unlabeled"),
+    "unlabeled_distill_weight/hard": ("unlabeled_distill_weight", {"distill_loss": "hard"}, "loss_distill_unlabeled"),
+    "pseudo_box_weight/full": ("pseudo_box_weight", {"pseudo_box_loss": "full"}, "loss_pseudo"),
+    "pseudo_box_weight/box": ("pseudo_box_weight", {"pseudo_box_loss": "box"}, "loss_box_pseudo"),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_step(labeled):
+    """A student's and a teacher's outputs on one batch of 4 labeled and 4 unlabeled rows, and what `sad_loss` needs
+    besides."""
+    from hf_sad.collator import SADDataCollator
+
+    student, teacher, processor = student_and_teacher()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # fresh heads all predict the prior: make the teacher's differ, so that every term counts
+        weight = teacher.class_head.predictor.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)
+    rows = list(build_training_stream(labeled, make_unlabeled_stream(image_size=IMAGE_SIZE)).take(8))
+    batch = SADDataCollator(processor, seed=0)(rows)
+    assert batch["is_labeled"].sum() == 4
+    with torch.no_grad():
+        outputs = student(batch["pixel_values"], batch["pixel_mask"])
+        teacher_outputs = teacher(batch["pixel_values"], batch["pixel_mask"])
+    return student.config, outputs, teacher_outputs, batch["labels"], batch["is_labeled"], processor
+
+
+@pytest.mark.parametrize("case", sorted(WEIGHTED_TERMS))
+def test_each_loss_weight_scales_its_term_by_exactly_that_factor(mixed_step, case):
+    """loss(w) = loss(w = 0) + w * term for weights other than 0 and 1, with the term as logged (unweighted) and the
+    same at every weight."""
+    name, settings, term = WEIGHTED_TERMS[case]
+    config, outputs, teacher_outputs, labels, is_labeled, processor = mixed_step
+
+    def step(weight):
+        args = DistillationArguments(pseudo_label_threshold=0.005, **settings, **{name: weight})
+        return sad_loss(config, outputs, teacher_outputs, labels, is_labeled, args, processor)
+
+    base, unit = step(0.0), step(1.0)
+    assert unit.metrics[term] > 0.01
+    for weight in (0.37, 2.5):
+        result = step(weight)
+        torch.testing.assert_close(result.metrics[term], unit.metrics[term])
+        # float32 sums of a few O(1) terms: a few units of float32 rounding (1.2e-7) relative.
+        torch.testing.assert_close(result.loss, base.loss + weight * unit.metrics[term], rtol=1e-6, atol=1e-6)

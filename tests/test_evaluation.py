@@ -102,13 +102,32 @@ def bccd():
     return targets, _noisy_predictions(targets, len(id2label)), id2label
 
 
+def _reference_coco_files(targets: list[dict], predictions: list[dict]) -> tuple[dict, list[dict]]:
+    """BCCD's val.json as it is on disk (its own image and category ids, areas and crowd flags), plus the two extra
+    images of the fixture, and the predictions as a COCO results list: built from the file and the test's own arrays,
+    not by the metric's conversion."""
+    coco = json.loads(BCCD_VAL.read_text())
+    image_ids = [image["id"] for image in coco["images"]]
+    extra = [max(image_ids) + 1, max(image_ids) + 2]
+    coco["images"] += [{"id": image_id, "file_name": f"extra{image_id}.jpg", "width": 640, "height": 480}
+                       for image_id in extra]
+    results = []
+    for image_id, prediction in zip(image_ids + extra, predictions):
+        for (x1, y1, x2, y2), score, label in zip(prediction["boxes"].tolist(), prediction["scores"].tolist(),
+                                                  prediction["labels"].tolist()):
+            results.append({"image_id": image_id, "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": score})
+    assert len(targets) == len(coco["images"])
+    return coco, results
+
+
 def test_matches_pycocotools(bccd):
     targets, predictions, id2label = bccd
     metric = CocoMeanAveragePrecision(id2label)
     metric.update(predictions, targets)
     result = metric.compute()
 
-    reference = _pycocotools_eval(*metric.to_coco())
+    reference = _pycocotools_eval(*_reference_coco_files(targets, predictions))
     for key, expected in zip(STAT_KEYS, reference.stats):
         expected = math.nan if expected < 0 else expected
         assert (math.isnan(result[key]) and math.isnan(expected)) or result[key] == pytest.approx(expected, abs=1e-6)
@@ -118,6 +137,19 @@ def test_matches_pycocotools(bccd):
         assert result[f"map_{name}"] == pytest.approx(per_class[per_class > -1].mean(), abs=1e-6)
     # The noise leaves a mediocre but non-trivial detector.
     assert 0.05 < result["map"] < 0.9 and result["map_50"] > result["map_75"]
+
+
+def test_area_without_an_annotated_one_is_the_box_width_times_height():
+    """COCO sorts objects into small (< 32^2 px), medium and large by area; without an annotated area it is the box's
+    w x h. A 20 x 60 box (1200 px) is medium, 60 x 20 too."""
+    for w, h in ((20.0, 60.0), (60.0, 20.0)):
+        target = {"boxes": torch.tensor([[10.0, 10.0, 10.0 + w, 10.0 + h]]), "labels": torch.tensor([0])}
+        found = {**target, "scores": torch.tensor([0.9])}
+        result = coco_map([found], [target], {0: "cell"})
+        assert result["map_medium"] == 1.0 and math.isnan(result["map_small"]), (w, h)
+        # An annotated area wins over the box's: 900 px makes the same box small.
+        result = coco_map([found], [{**target, "area": torch.tensor([900.0])}], {0: "cell"})
+        assert result["map_small"] == 1.0 and math.isnan(result["map_medium"]), (w, h)
 
 
 def test_batched_updates_equal_single_update(bccd):

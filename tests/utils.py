@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from torchvision.ops import box_iou
 from transformers import TrainerCallback
 
-from hf_sad import create_detector
+from hf_sad import SADForObjectDetection, create_detector
 from hf_sad.synthetic import SYNTHETIC_LABELS, synthetic_id2label
 from hf_sad.training_args import SADTrainingArguments
 
@@ -116,6 +117,97 @@ class StopAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= self.step:
             control.should_training_stop = True
+
+
+class OracleDetector(SADForObjectDetection):
+    """A detector whose output is given, not learned, to check evaluation for exact values.
+
+    Its network runs as usual (the loss and anchors are real), then the classification logits become -20 everywhere
+    and each detection of the image is written on an anchor of its own: logit(score) for its class and its box as
+    `pred_boxes`. `detections` maps an image id (the labels' `image_id`) to its detections `(x1, y1, x2, y2, class,
+    score)` in pixels of the original image; an image it does not list gets its ground truth (crowd regions left
+    out) at score 0.9: a perfect detector. Build one with `oracle_detector`.
+    """
+
+    def forward(self, pixel_values, pixel_mask=None, labels=None):
+        out = super().forward(pixel_values, pixel_mask=pixel_mask, labels=labels)
+        if labels is None:
+            raise ValueError("OracleDetector needs the labels: its detections are looked up by image_id.")
+        logits = torch.full_like(out.logits, -20.0)
+        pred_boxes = out.pred_boxes.clone()
+        for i, target in enumerate(labels):
+            height, width = target["orig_size"].tolist()
+            found = self.detections.get(int(target["image_id"]))
+            if found is None:
+                crowd = target.get("iscrowd", torch.zeros(len(target["boxes"]), dtype=torch.long)).bool()
+                rows = zip(target["boxes"][~crowd].tolist(), target["class_labels"][~crowd].tolist())
+                found = [((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height,
+                          label, 0.9) for (cx, cy, w, h), label in rows]
+            for anchor, (x1, y1, x2, y2, label, score) in enumerate(found):
+                logits[i, anchor, label] = float(np.log(score / (1 - score)))
+                # normalised cx, cy, w, h: relative to the image's valid region, which is the original image resized
+                pred_boxes[i, anchor] = torch.tensor(
+                    [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height])
+        out.logits, out.pred_boxes = logits, pred_boxes
+        return out
+
+
+def oracle_detector(detections: dict[int, list[tuple]] | None = None, **overrides):
+    """An `OracleDetector` with `detections` (see there) on the network of `tiny_detector(**overrides)`, and its
+    processor."""
+    model, processor = tiny_detector(**overrides)
+    oracle = OracleDetector(model.config)
+    oracle.detections = detections or {}
+    return oracle.eval(), processor
+
+
+def reference_detection_loss(logits, box_regression, anchors, boxes, classes, *, fg=0.5, bg=0.4, alpha=0.25,
+                             gamma=2.0, beta=1 / 9):
+    """RetinaNet's focal + smooth-L1 loss written out from its definition, image by image, in float64, for checking
+    `hf_sad.detection_loss` without its own matching or box coding.
+
+    Args: (B, N, C) logits, (B, N, 4) box deltas, (N, 4) xyxy anchors, per image (M, 4) xyxy pixel boxes and (M,)
+    classes. Matching: an anchor is positive at IoU >= `fg` with its best box, or when it is a box's best anchor
+    (every tie; torchvision's low-quality rule, keeping its own best box); negative below `bg`; ignored in between.
+    Returns (focal sum / positives, smooth-L1 sum / positives, positives).
+    """
+    anchors = anchors.double()
+    focal_sum, box_sum, num_positives = 0.0, 0.0, 0
+    for logit, deltas, gt, gt_classes in zip(logits.double(), box_regression.double(), boxes, classes):
+        gt = gt.double()
+        positive = torch.zeros(len(anchors), dtype=torch.bool)
+        negative = torch.ones(len(anchors), dtype=torch.bool)
+        matched = torch.zeros(len(anchors), dtype=torch.long)
+        if len(gt):
+            iou = box_iou(gt, anchors)  # (M, N)
+            best, matched = iou.max(0)
+            positive = best >= fg
+            negative = best < bg
+            for j in range(len(gt)):
+                if iou[j].max() > 0:
+                    positive |= iou[j] == iou[j].max()
+            negative &= ~positive
+        target = torch.zeros_like(logit)
+        target[positive, gt_classes[matched[positive]]] = 1.0
+        p = torch.sigmoid(logit)
+        p_t = torch.where(target == 1, p, 1 - p)
+        alpha_t = torch.where(target == 1, alpha, 1 - alpha)
+        # -log(p_t) from the logits: softplus(-x) for a positive entry, softplus(x) for a negative one
+        nll = torch.nn.functional.softplus(torch.where(target == 1, -logit, logit))
+        focal = alpha_t * (1 - p_t) ** gamma * nll
+        focal_sum += float(focal[positive | negative].sum())
+        if positive.any():
+            a, b = anchors[positive], gt[matched[positive]]
+            aw, ah = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+            bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+            encoded = torch.stack([((b[:, 0] + b[:, 2]) - (a[:, 0] + a[:, 2])) / 2 / aw,
+                                   ((b[:, 1] + b[:, 3]) - (a[:, 1] + a[:, 3])) / 2 / ah,
+                                   torch.log(bw / aw), torch.log(bh / ah)], dim=1)
+            diff = (deltas[positive] - encoded).abs()
+            box_sum += float(torch.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta).sum())
+        num_positives += int(positive.sum())
+    divisor = max(1, num_positives)
+    return focal_sum / divisor, box_sum / divisor, num_positives
 
 
 # ----------------------------------------------------------------------------------------------------------------------

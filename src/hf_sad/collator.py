@@ -70,10 +70,15 @@ def map_categories(
 
 def objects_as_columns(objects: Any, where: str = "an image") -> dict[str, list]:
     """One image's `objects` (a dict of lists, as `datasets` stores them, or a list of dicts) as checked columns:
-    `{"bbox": [[x, y, w, h] floats], "category": [int], "iscrowd": [0/1]}` (`iscrowd` defaults to 0).
+    `{"bbox": [[x, y, w, h] floats], "category": [int], "iscrowd": [0/1], "area": [float]}` (`iscrowd` defaults to
+    0; `area`, in pixels^2 of the image as stored, is NaN where the data gives none).
 
-    A missing or null `objects`, a missing field, a bbox that is not 4 finite numbers, or a category that is not an
-    integer is a ValueError naming `where` (the image) and the object's position.
+    COCO's `area` is the object's segmentation area, not its box's: COCO's evaluation sorts objects into small,
+    medium and large by it, so evaluation keeps it.
+
+    A missing or null `objects`, a missing field, a bbox that is not 4 finite numbers, a category that is not an
+    integer, or an area that is not a finite number >= 0 is a ValueError naming `where` (the image) and the object's
+    position.
     """
     if objects is None:
         raise ValueError(f"{where}: `objects` is null; an image without boxes needs empty `bbox` and `category` lists.")
@@ -83,6 +88,7 @@ def objects_as_columns(objects: Any, where: str = "an image") -> dict[str, list]
             raise ValueError(f"{where}: `objects` lacks {missing}; expected `bbox` (COCO x, y, w, h) and `category`.")
         bboxes, categories = list(objects["bbox"]), list(objects["category"])
         crowd = list(objects["iscrowd"]) if objects.get("iscrowd") is not None else [0] * len(bboxes)
+        area = list(objects["area"]) if objects.get("area") is not None else [None] * len(bboxes)
     else:
         rows = list(objects)
         for index, row in enumerate(rows):
@@ -90,13 +96,15 @@ def objects_as_columns(objects: Any, where: str = "an image") -> dict[str, list]
                 raise ValueError(f"{where}: objects[{index}] = {row!r:.100} lacks `bbox` or `category`.")
         bboxes, categories = [r["bbox"] for r in rows], [r["category"] for r in rows]
         crowd = [r.get("iscrowd") or 0 for r in rows]
-    if not len(bboxes) == len(categories) == len(crowd):
-        raise ValueError(f"{where}: `objects` has {len(bboxes)} bbox, {len(categories)} category and {len(crowd)} "
-                         "iscrowd values; they must be equally many.")
+        area = [r.get("area") for r in rows]
+    if not len(bboxes) == len(categories) == len(crowd) == len(area):
+        raise ValueError(f"{where}: `objects` has {len(bboxes)} bbox, {len(categories)} category, {len(crowd)} "
+                         f"iscrowd and {len(area)} area values; they must be equally many.")
     return {
         "bbox": [checked_box(box, f"{where}: objects[{i}]") for i, box in enumerate(bboxes)],
         "category": [_checked_int(c, f"{where}: objects[{i}] category") for i, c in enumerate(categories)],
         "iscrowd": [_checked_int(c, f"{where}: objects[{i}] iscrowd") for i, c in enumerate(crowd)],
+        "area": [_checked_area(a, f"{where}: objects[{i}] area") for i, a in enumerate(area)],
     }
 
 
@@ -112,6 +120,22 @@ def checked_box(box: Any, where: str) -> list[float]:
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"{where}: bbox {values} has a NaN or infinite coordinate. Fix or remove this box.")
     return values
+
+
+def _checked_area(value: Any, where: str) -> float:
+    """An object's area as a float (NaN for None or NaN: not given); anything else but a finite number >= 0 is a
+    ValueError naming `where`."""
+    if value is None:
+        return math.nan
+    try:
+        area = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number of pixels, got {value!r}.") from None
+    if math.isnan(area):
+        return area
+    if not math.isfinite(area) or area < 0:
+        raise ValueError(f"{where} must be a finite number >= 0, got {value!r}.")
+    return area
 
 
 def _checked_int(value: Any, where: str) -> int:
@@ -359,7 +383,10 @@ class SADDataCollator:
             boxes = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
             if factor != 1.0:  # a large JPEG decoded at reduced scale
                 boxes = boxes * factor
-            per_box = list(zip(categories, objects["iscrowd"]))
+            # The data's areas count in evaluation only (COCO's area ranges); in training they would not follow the
+            # augmentation, and nothing there reads them.
+            areas = [math.nan] * len(categories) if training else objects["area"]
+            per_box = list(zip(categories, objects["iscrowd"], areas))
             boxes, per_box, dropped_here = clean_boxes(boxes, per_box, image.width, image.height, where)
             dropped += dropped_here
             if training:
@@ -369,8 +396,8 @@ class SADDataCollator:
             image_id = int(row.get("sample_index", row.get("image_id", i)))
             annotations.append({
                 "image_id": image_id,
-                "annotations": [{"bbox": b.tolist(), "category_id": c, "iscrowd": crowd}
-                                for b, (c, crowd) in zip(boxes, per_box)],
+                "annotations": [{"bbox": b.tolist(), "category_id": c, "iscrowd": crowd, "area": area}
+                                for b, (c, crowd, area) in zip(boxes, per_box)],
             })
             images.append(image)
             is_labeled.append(labeled)

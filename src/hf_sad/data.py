@@ -436,8 +436,8 @@ def with_model_categories(
     names = [id2label[i] for i in sorted(id2label, key=int)]
     inner = dict(features["objects"]) if isinstance(features["objects"], Mapping) else dict(features["objects"].feature)
     inner.update(bbox=List(List(Value("float32"), length=4)), category=List(ClassLabel(names=names)),
-                 iscrowd=List(Value("int64")))
-    features["objects"] = {key: inner[key] for key in ("bbox", "category", "iscrowd")}
+                 iscrowd=List(Value("int64")), area=List(Value("float32")))
+    features["objects"] = {key: inner[key] for key in ("bbox", "category", "iscrowd", "area")}
     return dataset.map(remap, input_columns="objects", features=features)
 
 
@@ -583,6 +583,7 @@ def _as_stream_rows(
                 [f"image_id={example['image_id']}"] if example.get("image_id") is not None else []))
             objects = objects_as_columns(example["objects"], f"Annotation of image {where}")
             objects["category"] = map_categories(objects["category"], mapping, id2label, where=f"image {where}")
+            del objects["area"]  # evaluation's; training does not read it
         else:
             objects = {"bbox": [], "category": [], "iscrowd": []}
         return {"image": example[column], "objects": objects, "is_labeled": labeled}

@@ -106,7 +106,7 @@ def detection_loss(
     _, padded_classes = pad_boxes([t["boxes"] for t in objects], [t["class_labels"].long() for t in objects])
     target_classes = padded_classes.gather(1, assignment.matched_idx).masked_fill(~positive, -1)
     loss_cls = sigmoid_focal_loss_sum(
-        logits.float(), target_classes, assignment.labels >= 0, config.focal_alpha, config.focal_gamma
+        _loss_dtype(logits), target_classes, assignment.labels >= 0, config.focal_alpha, config.focal_gamma
     ) / divisor
     loss_box = box_loss(box_regression, anchors, labels, image_sizes, assignment, config, divisor)
 
@@ -195,7 +195,8 @@ def box_loss(
     padded_boxes, _ = pad_boxes(gt_boxes, [t["class_labels"].long() for t in objects])
     batch_idx, anchor_idx = (assignment.labels == 1).nonzero(as_tuple=True)
     matched_boxes = padded_boxes[batch_idx, assignment.matched_idx[batch_idx, anchor_idx]]
-    pos_anchors, pos_deltas = anchors[anchor_idx], box_regression[batch_idx, anchor_idx].float()
+    pos_anchors, pos_deltas = anchors[anchor_idx], _loss_dtype(box_regression[batch_idx, anchor_idx])
+    matched_boxes = matched_boxes.to(pos_deltas.dtype)
     if config.box_loss == "giou":
         loss = generalized_box_iou_loss(decode_boxes(pos_deltas, pos_anchors), matched_boxes, reduction="sum")
     else:
@@ -204,6 +205,11 @@ def box_loss(
     if divisor is None:
         divisor = num_positives(assignment, config.sync_num_positives)
     return loss / divisor
+
+
+def _loss_dtype(x: torch.Tensor) -> torch.Tensor:
+    """`x` in the losses' dtype: float32 (from bf16/fp16 outputs too), or float64 for float64 inputs (gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _crowd(target: dict[str, torch.Tensor]) -> torch.Tensor:

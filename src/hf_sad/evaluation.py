@@ -257,23 +257,31 @@ def pack_detections(detections: Sequence[Mapping[str, Any]]) -> Any:
 
 
 def pack_targets(labels: Sequence[Mapping[str, Any]]) -> Any:
-    """Collator labels -> (B, M, 6) float tensor of rows (x1, y1, x2, y2, label, iscrowd) in original-image pixels.
+    """Collator labels -> (B, M, 7) float tensor of rows (x1, y1, x2, y2, label, iscrowd, area) in original-image
+    pixels.
 
-    The labels' boxes are normalised cxcywh, scaled here by each image's `orig_size` (height, width); padding rows
-    have label -1.
+    The labels' boxes are normalised cxcywh, scaled here by each image's `orig_size` (height, width); their `area`
+    (resized pixels, the data's own where it gives one) is scaled back by the resize, and without `area` or `size` it
+    is the box's area. Padding rows have label -1.
     """
     import torch
     from torchvision.ops import box_convert
 
     size = max(1, max((len(t["class_labels"]) for t in labels), default=0))
-    packed = torch.full((len(labels), size, 6), -1.0, device=labels[0]["boxes"].device)
+    packed = torch.full((len(labels), size, 7), -1.0, device=labels[0]["boxes"].device)
     for i, t in enumerate(labels):
         n = len(t["class_labels"])
         height, width = t["orig_size"].tolist()
         scale = t["boxes"].new_tensor([width, height, width, height])
-        packed[i, :n, :4] = box_convert(t["boxes"].float() * scale, "cxcywh", "xyxy")
+        boxes = box_convert(t["boxes"].float() * scale, "cxcywh", "xyxy")
+        packed[i, :n, :4] = boxes
         packed[i, :n, 4] = t["class_labels"].float()
         packed[i, :n, 5] = t["iscrowd"].float() if "iscrowd" in t else 0.0
+        if "area" in t and "size" in t:
+            resized_height, resized_width = t["size"].tolist()
+            packed[i, :n, 6] = t["area"].float() * (height * width / (resized_height * resized_width))
+        else:
+            packed[i, :n, 6] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     return packed
 
 
@@ -298,6 +306,7 @@ class DetectionMetrics:
                 pred, gt = pred[pred[:, 5] >= 0], gt[gt[:, 4] >= 0]
                 metric.update(
                     [{"boxes": pred[:, :4], "scores": pred[:, 4], "labels": pred[:, 5].astype(np.int64)}],
-                    [{"boxes": gt[:, :4], "labels": gt[:, 4].astype(np.int64), "iscrowd": gt[:, 5].astype(np.int64)}],
+                    [{"boxes": gt[:, :4], "labels": gt[:, 4].astype(np.int64), "iscrowd": gt[:, 5].astype(np.int64),
+                      "area": gt[:, 6]}],
                 )
         return metric.compute()

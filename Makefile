@@ -22,7 +22,7 @@ test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests bench scripts
+	$(PY) -m ruff check src tests bench scripts experiments
 
 # The main job: teacher -> baseline student -> SAD student on built-in data, results in outputs/demo.
 demo: $(STAMP)

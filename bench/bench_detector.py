@@ -25,7 +25,7 @@ from common import (
 )
 from torchvision.models.detection.image_list import ImageList
 
-from hf_sad.detection_loss import detection_loss
+from hf_sad.model.detection_loss import detection_loss
 
 LR = 0.01
 

@@ -133,7 +133,7 @@ def _exported_case(model, processor, sessions: dict, scale: Scale) -> dict:
 
 
 def scene_image(size: int, seed: int):
-    from hf_sad.synthetic import generate_scene
+    from hf_sad.data.synthetic import generate_scene
 
     return generate_scene(seed, image_size=size)[0]
 
@@ -145,11 +145,11 @@ def int8_accuracy(model_dir: str | Path, data: str | Path, image_dir: str | Path
 
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
+    from hf_sad.arguments import SADTrainingArguments
     from hf_sad.data import load_coco_detection
     from hf_sad.export import export_onnx, quantize_onnx
     from hf_sad.runtime import ExportedDetector, evaluate_exported
-    from hf_sad.trainer import SADTrainer
-    from hf_sad.training_args import SADTrainingArguments
+    from hf_sad.training.trainer import SADTrainer
 
     folder = Path(workdir) / "int8-accuracy"
     if folder.exists():
@@ -267,7 +267,7 @@ def bench_padding(scale: Scale, image_side: int = 416, model_size: int = 192) ->
     """B11: inference (forward + post-processing) of `image_side` px images through a `model_size` model, the
     processor padding to the backbone's stride (the default) vs to a multiple of 128 (the old default)."""
     from hf_sad import create_detector
-    from hf_sad.synthetic import SYNTHETIC_LABELS
+    from hf_sad.data.synthetic import SYNTHETIC_LABELS
 
     torch.manual_seed(0)
     model, processor = create_detector(scale.backbone, dict(enumerate(SYNTHETIC_LABELS)), image_size=model_size,

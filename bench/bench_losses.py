@@ -1,4 +1,5 @@
-"""Benchmark: `hf_sad.losses.adaptive_distillation_loss` vs a straightforward autograd formula, forward + backward.
+"""Benchmark: `hf_sad.distillation.losses.adaptive_distillation_loss` vs a straightforward autograd formula, forward
++ backward.
 
     python bench/bench_losses.py [--quick] [--device cpu|cuda] [--json PATH]
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from common import peak_rss_bytes, reset_peak_rss, rss_bytes  # bench/ is on sys.path: scripts run from it
 from torch import Tensor
 
-from hf_sad.losses import adaptive_distillation_loss
+from hf_sad.distillation.losses import adaptive_distillation_loss
 
 SIZES = {"cpu": (2, 20_000, 20), "coco": (8, 76_725, 80)}
 IMPLS = ("reference", "library")
@@ -189,7 +190,8 @@ def _mib(n: int) -> str:
 def _print_table(results: dict) -> None:
     print(f"\nADL (paper, gamma 2, beta 1) forward+backward, device={results['device']}, torch {torch.__version__}, "
           f"{results['threads']} threads, OMP_WAIT_POLICY={results['omp_wait_policy']}, load average before "
-          f"{results['load_average'][0]:.2f}; library = hf_sad.losses, reference = plain autograd formula (fp32).")
+          f"{results['load_average'][0]:.2f}; library = hf_sad.distillation.losses, reference = plain autograd formula "
+          "(fp32).")
     print("time: median wall / CPU time (all threads) after warm-up, both timed alternately in one process.")
     print("peak: extra peak memory of one cold fwd+bwd in a fresh process (CPU: VmHWM reset via /proc/self/clear_refs "
           "minus RSS before; CUDA: max_memory_allocated delta), gradient included.")

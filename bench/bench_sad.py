@@ -1,7 +1,7 @@
 """B2 (SAD training step), B6 (training data pipeline) and B7 (peak memory of a SAD step).
 
-Data: a labeled synthetic set (`hf_sad.synthetic.make_labeled_dataset`, PNG-encoded in Arrow) and an unlabeled pool of
-shifted-domain synthetic scenes stored as JPEG in parquet shards, streamed with `hf_sad.data.load_unlabeled_images`
+Data: a labeled synthetic set (`hf_sad.data.synthetic.make_labeled_dataset`, PNG-encoded in Arrow) and an unlabeled pool
+of shifted-domain synthetic scenes stored as JPEG in parquet shards, streamed with `hf_sad.data.load_unlabeled_images`
 (what a user with a folder of parquet shards gets). Both are written once per scale into a work folder.
 
 The teacher is a bigger detector (`Scale.teacher_backbone`) whose class scores are spread so that ~100 (anchor, class)
@@ -47,7 +47,7 @@ def make_sources(scale: Scale, workdir: str | Path, num_labeled: int = 48, num_u
     import datasets
 
     from hf_sad.data import load_unlabeled_images
-    from hf_sad.synthetic import generate_scene, make_labeled_dataset
+    from hf_sad.data.synthetic import generate_scene, make_labeled_dataset
 
     workdir = Path(workdir)
     labeled = make_labeled_dataset(
@@ -75,7 +75,7 @@ def make_trainer(scale: Scale, student, teacher, processor, labeled, unlabeled, 
                  device: str = "cpu", bf16: bool = False):
     """A `SADTrainer` for timing steps; on a non-CPU `device` it places both models there (teacher in bf16 with
     `bf16`)."""
-    from hf_sad.trainer import SADTrainer, SADTrainingArguments
+    from hf_sad.training.trainer import SADTrainer, SADTrainingArguments
 
     args = SADTrainingArguments(
         output_dir=str(Path(workdir) / "trainer-out"),
@@ -116,7 +116,7 @@ def setup_sad(scale: Scale, workdir, workers: int = 0, device: str = "cpu", bf16
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     batch["labels"] = [{k: v.to(device) for k, v in label.items()} for label in batch["labels"]]
     pixel_values = batch["pixel_values"].to(next(trainer.teacher.parameters()).dtype)
-    above = calibrate_scores(trainer.teacher, pixel_values, threshold=0.5, per_image=PSEUDO_PER_IMAGE)
+    above = calibrate_scores(teacher, pixel_values, threshold=0.5, per_image=PSEUDO_PER_IMAGE)
     student.to(device).train()
     return student, trainer, batch, above
 
@@ -151,7 +151,7 @@ def bench_sad_step(scale: Scale, workdir) -> dict:
     """B2: SADTrainer.compute_loss + backward + SGD step vs the same networks' compute on the same tensors (student
     forward + backward of fixed random output gradients, teacher forward under no_grad, the same SGD step)."""
     student, trainer, batch, above = setup_sad(scale, workdir)
-    teacher = trainer.teacher
+    teacher = trainer.teacher.detector  # the network alone
     optimizer = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9)
     pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_mask"]
     with torch.no_grad():
@@ -195,8 +195,8 @@ def bench_sad_step(scale: Scale, workdir) -> dict:
         "overhead_cpu_s": times["ours"]["cpu_time_s"] - times["reference"]["cpu_time_s"],
         "consumption_images_per_s": scale.batch_size / times["ours"]["time_s"],
         "breakdown": {
-            "what": "hf_sad.distillation.sad_loss + backward on cached student and teacher outputs: supervised "
-                    "loss, pseudo-labels, anchor matching, ADL, and their backward to the outputs",
+            "what": "hf_sad.distillation.sad_loss.sad_loss + backward on cached student and teacher outputs: "
+                    "supervised loss, pseudo-labels, anchor matching, ADL, and their backward to the outputs",
             "repeats": max(8, scale.repeats),
             "times": alone,
             "share_of_pure_compute": alone["cpu_time_s"] / times["reference"]["cpu_time_s"],
@@ -207,9 +207,9 @@ def bench_sad_step(scale: Scale, workdir) -> dict:
 
 
 def _sad_specific_times(student, trainer, batch, repeats: int) -> dict:
-    """CPU/wall time of `hf_sad.distillation.sad_loss` + its backward to the outputs, on the student's and the
+    """CPU/wall time of `hf_sad.distillation.sad_loss.sad_loss` + its backward to the outputs, on the student's and the
     teacher's outputs computed once (what the SAD step adds to the two networks)."""
-    from hf_sad.distillation import sad_loss
+    from hf_sad.distillation.sad_loss import sad_loss
 
     with torch.no_grad():
         student_out = student(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])

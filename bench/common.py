@@ -27,7 +27,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from hf_sad import create_detector
-from hf_sad.synthetic import SYNTHETIC_LABELS, generate_scene
+from hf_sad.data.synthetic import SYNTHETIC_LABELS, generate_scene
 
 # COCO-sized label set for the realistic scale (only the count matters to the benchmarks).
 COCO_NUM_CLASSES = 80

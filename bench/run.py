@@ -66,7 +66,7 @@ SPECS = {
         "target": "<= 0.75x time",
     },
     "B4": {
-        "what": "ADL forward + backward (hf_sad.losses.adaptive_distillation_loss)",
+        "what": "ADL forward + backward (hf_sad.distillation.losses.adaptive_distillation_loss)",
         "reference": "plain autograd formula (bench/bench_losses.py)",
         "target": "<= 0.5x time and <= 0.5x peak memory",
     },

@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from hf_sad.synthetic import make_labeled_dataset
+from hf_sad.data.synthetic import make_labeled_dataset
 
 from .utils import IMAGE_SIZE, LABELS, bad_image_bytes, image_value, jpeg, save_detector, scene, tiny_detector
 

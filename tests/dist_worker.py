@@ -29,10 +29,10 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForObjectDetection  # noqa: E402
 
 import hf_sad.cli  # noqa: E402
+from hf_sad.arguments import SADTrainingArguments  # noqa: E402
 from hf_sad.data import load_labeled_dataset  # noqa: E402
 from hf_sad.evaluation import DetectionMetrics  # noqa: E402
-from hf_sad.trainer import SADTrainer  # noqa: E402
-from hf_sad.training_args import SADTrainingArguments  # noqa: E402
+from hf_sad.training.trainer import SADTrainer  # noqa: E402
 
 
 def rank() -> int:
@@ -108,8 +108,8 @@ class RecordingSADTrainer(SADTrainer):
             "parameters": tensors_hash(dict(student.named_parameters())),
             "buffers": tensors_hash(dict(student.named_buffers())),
             "eval_buffers": self.eval_buffers,
-            "ema": tensors_hash(self.ema.state_dict()) if self.ema is not None else None,
-            "ema_updates": int(self.ema.n_averaged) if self.ema is not None else None,
+            "ema": tensors_hash(self.teacher.average.state_dict()) if self.args.ema_teacher else None,
+            "ema_updates": int(self.teacher.n_averaged) if self.args.ema_teacher else None,
         })
         return result
 

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import hf_sad.cli  # noqa: E402
-from hf_sad.trainer import SADTrainer  # noqa: E402
+from hf_sad.training.trainer import SADTrainer  # noqa: E402
 
 
 class PauseAfterSave(TrainerCallback):

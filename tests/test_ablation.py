@@ -1,4 +1,4 @@
-"""The ablation harness (bench/ablation.py) without training: records, resumption, the gate, paired verdicts, the
+"""The ablation harness (experiments/ablation.py) without training: records, resumption, the gate, paired verdicts, the
 report's generated and hand-written parts."""
 
 import importlib.util
@@ -16,7 +16,7 @@ REGIME = "pretrained-miniature"
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "experiments" / "ablation.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["ablation"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -313,7 +313,7 @@ def test_a_row_cut_short_resumes_from_its_last_checkpoint(ablation, tmp_path, mo
 
 @pytest.fixture
 def distill_gradients(ablation):
-    spec = importlib.util.spec_from_file_location("distill_gradients", REPO / "bench" / "distill_gradients.py")
+    spec = importlib.util.spec_from_file_location("distill_gradients", REPO / "experiments" / "distill_gradients.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # imports `ablation`, which the fixture above registered
     return module

@@ -1,5 +1,5 @@
-"""Anchors, box coding, matching and detection selection: the small pieces under the detector (`hf_sad.box_ops`), each
-against an independent reference."""
+"""Anchors, box coding, matching and detection selection: the small pieces under the detector
+(`hf_sad.model.box_ops`), each against an independent reference."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms, box_iou
 
-from hf_sad.box_ops import (
+from hf_sad.model.box_ops import (
     decode_boxes,
     encode_boxes,
     make_anchors,

@@ -1,4 +1,4 @@
-"""Callbacks that keep a training run safe (`hf_sad.callbacks`): bad data, bad steps, interrupted checkpoints.
+"""Callbacks that keep a training run safe (`hf_sad.training.callbacks`): bad data, bad steps, interrupted checkpoints.
 
 - Undecodable images met during training are skipped and counted (`skipped_images` in the logs and the results), also
   when DataLoader workers collate; too many stop the run with examples, but only after `min_images_before_skip_check`
@@ -34,9 +34,14 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_sad.callbacks import SkipBadStepsCallback, checkpoint_problems, get_last_complete_checkpoint
-from hf_sad.synthetic import make_unlabeled_stream
-from hf_sad.trainer import SADTrainer
+from hf_sad.data.synthetic import make_unlabeled_stream
+from hf_sad.training.callbacks import (
+    SkipBadStepsCallback,
+    TrainingGuard,
+    checkpoint_problems,
+    get_last_complete_checkpoint,
+)
+from hf_sad.training.trainer import SADTrainer
 
 from .utils import (
     FAULT_WORKER,
@@ -87,7 +92,7 @@ def test_training_skips_and_counts_undecodable_unlabeled_images(tmp_path, labele
     teacher, _ = tiny_detector(seed=1)
     args = make_args(tmp_path, distill_loss="adl", max_steps=2, per_device_train_batch_size=8)
     trainer = SADTrainer(model, teacher, args, labeled, pool, processing_class=processor)
-    with caplog.at_level(logging.WARNING, logger="hf_sad.collator"):
+    with caplog.at_level(logging.WARNING, logger="hf_sad.data.collator"):
         result = trainer.train()
     logged = [entry["skipped_images"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged == [3, 7]  # cumulative
@@ -194,7 +199,7 @@ def test_nonfinite_loss_skips_the_step_counts_and_logs_it(tmp_path, labeled, cap
     # With accumulation 2, forward pass 2 is the first micro-batch of step 2: the whole step is skipped.
     trainer, snapshots = nan_trainer(tmp_path, labeled, {accumulation}, max_steps=3,
                                      gradient_accumulation_steps=accumulation, weight_decay=0.1)
-    with caplog.at_level(logging.WARNING, logger="hf_sad.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="hf_sad.training.callbacks"):
         result = trainer.train()
     after = snapshots.after
     assert same_state(after[2], after[1]), "the NaN step changed weights, BatchNorm statistics or AdamW state"
@@ -232,7 +237,7 @@ def test_nonfinite_gradients_with_a_finite_loss_skip_the_step(tmp_path, labeled,
                          processing_class=processor, callbacks=[snapshots])
     weight = model.class_head.predictor.weight
     weight.register_hook(lambda grad: grad * float("inf") if trainer.state.global_step == 1 else grad)
-    with caplog.at_level(logging.WARNING, logger="hf_sad.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="hf_sad.training.callbacks"):
         result = trainer.train()
     assert same_state(snapshots.after[2], snapshots.after[1])
     assert result.metrics["nonfinite_steps"] == 1
@@ -381,7 +386,8 @@ def test_steps_are_skipped_through_the_trainer_hook_without_rebinding_the_optimi
         step = vars(optimizer).get("step")
         module = getattr(getattr(step, "__func__", step), "__module__", "") or ""
         assert not module.startswith("hf_sad"), f"{type(optimizer).__name__}.step was rebound by {module}"
-    assert any(isinstance(cb, SkipBadStepsCallback) for cb in trainer.callback_handler.callbacks)
+    assert any(isinstance(cb, TrainingGuard) and isinstance(cb.steps, SkipBadStepsCallback)
+               for cb in trainer.callback_handler.callbacks)
 
 
 @pytest.mark.parametrize("clipped", [True, False], ids=["after-clipping", "without-clipping"])

@@ -19,11 +19,11 @@ from transformers import AutoModelForObjectDetection, pipeline
 from transformers.integrations.integration_utils import get_available_reporting_integrations
 
 import hf_sad.cli
-from hf_sad.callbacks import TrainingStopped
 from hf_sad.cli import console_main, main
+from hf_sad.data.synthetic import SYNTHETIC_LABELS, generate_scene
 from hf_sad.demo import QUICK, run_demo
 from hf_sad.inference import class_colour, draw_detections
-from hf_sad.synthetic import SYNTHETIC_LABELS, generate_scene
+from hf_sad.training.callbacks import TrainingStopped
 
 from .utils import GOOD_BOX, IMAGE_SIZE, REPO, TINY, TINY_FLAGS, detection_dataset, image_value, jpeg, scene
 

@@ -1,4 +1,4 @@
-"""From dataset rows to model inputs (`hf_sad.collator`): decoding, box cleaning, category mapping, augmentation.
+"""From dataset rows to model inputs (`hf_sad.data.collator`): decoding, box cleaning, category mapping, augmentation.
 
 Images: decodable images of any mode (grayscale, bilevel, LA, RGBA, palette with/without transparency, 16-bit PNG,
 float TIFF, CMYK JPEG, EXIF-rotated JPEG, GIF, WebP, BMP, 1x1, 8x8) become RGB and are used. Undecodable ones (corrupt
@@ -35,11 +35,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from hf_sad.collator import SADDataCollator, clean_boxes, decode_image
 from hf_sad.data import build_training_stream
-from hf_sad.image_processing_sad import prepare_coco_detection_target
-from hf_sad.synthetic import SYNTHETIC_LABELS, synthetic_id2label
-from hf_sad.trainer import SADTrainer
+from hf_sad.data.collator import SADDataCollator, clean_boxes, decode_image
+from hf_sad.data.synthetic import SYNTHETIC_LABELS, synthetic_id2label
+from hf_sad.model.image_processing_sad import prepare_coco_detection_target
+from hf_sad.training.trainer import SADTrainer
 
 from .utils import (
     GOOD_BOX,
@@ -138,7 +138,7 @@ def test_undecodable_unlabeled_image_is_skipped_counted_and_named(name, bad_valu
     collator = SADDataCollator(processor)
     good = image_value(jpeg(), "good")
     rows = [training_row(good, 0), training_row(bad_values[name], 1), training_row(good, 2)]
-    with caplog.at_level(logging.WARNING, logger="hf_sad.collator"):
+    with caplog.at_level(logging.WARNING, logger="hf_sad.data.collator"):
         batch = collator(rows)
     assert batch["pixel_values"].shape[0] == 2 and int(batch["num_skipped"]) == 1
     path = bad_values[name]["path"]
@@ -178,8 +178,8 @@ def test_batch_with_every_image_skipped_is_a_placeholder_with_zero_loss(tmp_path
 LARGE_IMAGE_PROBE = textwrap.dedent("""
     import json, re, sys
     from PIL import Image
-    from hf_sad.collator import SADDataCollator, decode_image
-    from hf_sad.image_processing_sad import SADImageProcessor
+    from hf_sad.data.collator import SADDataCollator, decode_image
+    from hf_sad.model.image_processing_sad import SADImageProcessor
 
     def status_mb(field):
         return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
@@ -235,7 +235,7 @@ def test_very_large_jpeg_is_decoded_at_reduced_scale_without_exhausting_memory(t
 @pytest.mark.parametrize("training", [True, False])
 def test_degenerate_and_inverted_boxes_are_dropped_counted_and_warned_once(processor, picture, caplog, training):
     boxes = [GOOD_BOX, [10, 10, 0, 5], [10, 10, 5, 0], [30, 30, -8, 6], [30, 30, 6, -8], [0, 0, 0, 0]]
-    with caplog.at_level(logging.WARNING, logger="hf_sad.collator"):
+    with caplog.at_level(logging.WARNING, logger="hf_sad.data.collator"):
         collator, batch = collate_boxes(processor, picture, boxes, training=training)
         collator([{"image": picture, "objects": {"bbox": [[1, 1, 0, 3]], "category": [0]}, "image_id": 4}])
     assert len(batch["labels"][0]["boxes"]) == 1 and int(batch["num_dropped_boxes"]) == 5

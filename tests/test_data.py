@@ -20,7 +20,6 @@ import torch
 from datasets import ClassLabel
 
 from hf_sad.cli import main
-from hf_sad.collator import SADDataCollator
 from hf_sad.data import (
     build_training_stream,
     category_mapping,
@@ -31,13 +30,14 @@ from hf_sad.data import (
     load_labeled_dataset,
     load_unlabeled_images,
 )
-from hf_sad.synthetic import (
+from hf_sad.data.collator import SADDataCollator
+from hf_sad.data.synthetic import (
     SYNTHETIC_LABELS,
     make_unlabeled_stream,
     synthetic_id2label,
     write_coco_folder,
 )
-from hf_sad.trainer import SADTrainer
+from hf_sad.training.trainer import SADTrainer
 
 from .utils import (
     BCCD,

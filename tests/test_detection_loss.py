@@ -1,11 +1,11 @@
-"""The detector's supervised loss (`hf_sad.detection_loss`): sigmoid focal loss and box regression loss against an
+"""The detector's supervised loss (`hf_sad.model.detection_loss`): sigmoid focal loss and box regression loss against an
 independent computation, the GIoU box loss, images without boxes, and clear errors for bad labels."""
 
 import pytest
 import torch
 from torchvision.ops import box_convert, sigmoid_focal_loss
 
-from hf_sad.detection_loss import assign_anchors, box_loss, detection_loss, sigmoid_focal_loss_sum
+from hf_sad.model.detection_loss import assign_anchors, box_loss, detection_loss, sigmoid_focal_loss_sum
 
 from .utils import LABELS, make_labels, reference_detection_loss, tiny_detector
 

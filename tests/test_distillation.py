@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
+from hf_sad.arguments import DistillationArguments
 from hf_sad.cli import main
 from hf_sad.data import build_training_stream
-from hf_sad.detection_loss import assign_anchors
-from hf_sad.distillation import check_teacher_compatible, sad_loss
-from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
-from hf_sad.trainer import SADTrainer
-from hf_sad.training_args import DistillationArguments
+from hf_sad.data.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
+from hf_sad.distillation.sad_loss import sad_loss
+from hf_sad.model.detection_loss import assign_anchors
+from hf_sad.teachers.base import check_teacher_compatible
+from hf_sad.training.trainer import SADTrainer
 
 from .utils import (
     IMAGE_SIZE,
@@ -315,7 +316,7 @@ WEIGHTED_TERMS = {
 def mixed_step(labeled):
     """A student's and a teacher's outputs on one batch of 4 labeled and 4 unlabeled rows, and what `sad_loss` needs
     besides."""
-    from hf_sad.collator import SADDataCollator
+    from hf_sad.data.collator import SADDataCollator
 
     student, teacher, processor = student_and_teacher()
     generator = torch.Generator().manual_seed(0)

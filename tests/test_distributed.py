@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForObjectDetection
 
-from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
+from hf_sad.data.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
 
 from .dist_worker import evaluate as evaluate_in_this_process
 from .dist_worker import tensors_hash

@@ -450,7 +450,8 @@ def test_push_and_load_end_to_end(tmp_path):
             for route in ("hf-sad", "remote-code")
         ]
         outputs = [_finish(process) for process in loaders]
-        assert "ANONYMOUS-REFUSED" in outputs[0] and "LOADED hf_sad.modeling_sad SADImageProcessor ['a'" in outputs[0]
+        assert "ANONYMOUS-REFUSED" in outputs[0]
+        assert "LOADED hf_sad.model.modeling_sad SADImageProcessor ['a'" in outputs[0]
         assert "ANONYMOUS-REFUSED" in outputs[1] and "LOADED transformers_modules." in outputs[1]
 
         # What was uploaded: the model, its code, processor, card, picture and results; no Trainer leftovers.
@@ -533,7 +534,7 @@ def test_distill_push_to_hub_pushes_once_with_code_results_and_card(tmp_path, sa
 TRAINER_PUSH = """
 import sys
 from hf_sad import SADTrainer, SADTrainingArguments
-from hf_sad.synthetic import make_labeled_dataset
+from hf_sad.data.synthetic import make_labeled_dataset
 from tests.utils import tiny_detector
 
 output_dir = sys.argv[1]

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import pipeline
 from transformers.utils import ModelOutput
 
-from hf_sad.image_processing_sad import SADImageProcessor
+from hf_sad.model.image_processing_sad import SADImageProcessor
 
 from .utils import save_detector, tiny_detector
 

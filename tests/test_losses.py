@@ -1,4 +1,4 @@
-"""Tests of hf_sad.losses against a plain float64 transcription of the formulas."""
+"""Tests of hf_sad.distillation.losses against a plain float64 transcription of the formulas."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import hf_sad.losses as losses
-from hf_sad.losses import adaptive_distillation_loss, focal_distillation_loss, kl_distillation_loss
+import hf_sad.distillation.losses as losses
+from hf_sad.distillation.losses import adaptive_distillation_loss, focal_distillation_loss, kl_distillation_loss
 
 B, N, C = 2, 7, 5
 EPS32 = torch.finfo(torch.float32).eps

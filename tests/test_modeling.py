@@ -1,5 +1,5 @@
-"""The detector as a transformers model (`hf_sad.modeling_sad`, `hf_sad.configuration_sad`): shapes, training, save/load
-in both routes, pipeline, backbones. Its supervised loss is tested in test_detection_loss.py."""
+"""The detector as a transformers model (`hf_sad.model.modeling_sad`, `hf_sad.model.configuration_sad`): shapes,
+training, save/load in both routes, pipeline, backbones. Its supervised loss is tested in test_detection_loss.py."""
 
 import ast
 import json
@@ -238,7 +238,7 @@ def test_remote_code_files_import_only_safe_packages_and_flat_siblings():
     # detector already needs, and each other by flat relative imports (what save_pretrained copies).
     allowed = {"torch", "torchvision", "numpy", "PIL", "transformers", "timm"}
     for name in REMOTE_CODE:
-        tree = ast.parse((Path(hf_sad.__file__).parent / f"{name}.py").read_text())
+        tree = ast.parse((Path(hf_sad.__file__).parent / "model" / f"{name}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 modules = {alias.name.split(".")[0] for alias in node.names}

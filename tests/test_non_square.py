@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_sad.box_ops import absolute_xyxy
-from hf_sad.collator import SADDataCollator
 from hf_sad.data import load_coco_detection
-from hf_sad.modeling_sad import SADObjectDetectionOutput, predicted_boxes
-from hf_sad.trainer import SADTrainer
+from hf_sad.data.collator import SADDataCollator
+from hf_sad.model.box_ops import absolute_xyxy
+from hf_sad.model.modeling_sad import SADObjectDetectionOutput, predicted_boxes
+from hf_sad.training.trainer import SADTrainer
 
 from .utils import LABELS, make_args, oracle_detector, reference_detection_loss, tiny_detector
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from hf_sad.data import load_coco_detection
-from hf_sad.synthetic import generate_scene, make_labeled_dataset, write_coco_folder
+from hf_sad.data.synthetic import generate_scene, make_labeled_dataset, write_coco_folder
 
 from .utils import IMAGE_SIZE, REPO, TINY, save_detector, tiny_detector
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Image, IterableDataset, List, Value
 
-from hf_sad.synthetic import (
+from hf_sad.data.synthetic import (
     COLOURS,
     SYNTHETIC_LABELS,
     generate_scene,

@@ -11,18 +11,19 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from hf_sad.collator import SADDataCollator
-from hf_sad.distillation import renormalize, sad_loss, teacher_input_transform
-from hf_sad.losses import binary_entropy
-from hf_sad.synthetic import make_unlabeled_stream
+from hf_sad.arguments import DistillationArguments
+from hf_sad.data.collator import SADDataCollator
+from hf_sad.data.synthetic import make_unlabeled_stream
+from hf_sad.distillation.losses import binary_entropy
+from hf_sad.distillation.sad_loss import sad_loss
 from hf_sad.teachers import (
     EMA_TEACHER_FILE,
     SADTeacherEnsemble,
     aggregate_logits,
     teacher_disagreement,
 )
-from hf_sad.trainer import SADTrainer
-from hf_sad.training_args import DistillationArguments
+from hf_sad.teachers.base import renormalize, teacher_input_transform
+from hf_sad.training.trainer import SADTrainer
 
 from .utils import IMAGE_SIZE, StopAt, make_args, save_detector, student_and_teacher, tiny_detector
 
@@ -125,11 +126,11 @@ def ema_run(tmp_path, labeled, **settings):
 def test_mean_teacher_is_the_exponential_average_of_the_student_after_each_optimizer_step(tmp_path, labeled):
     decay = 0.5
     trainer, recorder = ema_run(tmp_path, labeled, ema_decay=decay, gradient_accumulation_steps=2)
-    assert trainer.teacher is trainer.ema.teacher and not any(p.requires_grad for p in trainer.teacher.parameters())
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
     optimized = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in trainer.teacher.parameters()}
     trainer.train()
-    assert int(trainer.ema.n_averaged) == 3 == len(recorder.snapshots)  # once per optimizer step, not per micro-batch
+    assert int(trainer.teacher.n_averaged) == 3 == len(recorder.snapshots)  # once per optimizer step, not per micro-batch
     expected = recorder.snapshots[0]  # the first update copies the student
     for weights in recorder.snapshots[1:]:
         expected = decay * expected + (1 - decay) * weights
@@ -155,8 +156,8 @@ def test_mean_teacher_is_checkpointed_and_resumes_exactly(tmp_path, labeled):
     assert set(load_file(str(checkpoint / "model.safetensors"))) == set(full.model.state_dict())  # student only
     assert "moving average" in json.loads((checkpoint / "run_settings.json").read_text())["teacher"]
     resumed = run(tmp_path / "cut", resume=str(checkpoint))
-    for name, value in full.ema.state_dict().items():
-        assert torch.equal(value, resumed.ema.state_dict()[name]), name
+    for name, value in full.teacher.average.state_dict().items():
+        assert torch.equal(value, resumed.teacher.average.state_dict()[name]), name
     for name, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
 
@@ -168,7 +169,7 @@ def test_mean_teacher_is_checkpointed_and_resumes_exactly(tmp_path, labeled):
 def test_mean_teacher_final_model_and_argument_errors(tmp_path, labeled):
     trainer, _ = ema_run(tmp_path, labeled, ema_decay=0.9, ema_final_model=True, max_steps=2)
     trainer.train()
-    for name, value in trainer.ema.teacher.state_dict().items():
+    for name, value in trainer.teacher.state_dict().items():
         assert torch.equal(trainer.model.state_dict()[name], value), name
     student, teacher, processor = student_and_teacher()
     with pytest.raises(ValueError, match="pass no teacher_model"):
@@ -260,8 +261,8 @@ def test_a_teacher_normalising_otherwise_sees_the_students_pixels_in_its_own_nor
     trainer = SADTrainer(student, str(folder), make_args(tmp_path, distill_loss="adl"), labeled,
                          make_unlabeled_stream(image_size=IMAGE_SIZE), processing_class=processor)
     seen = []
-    trainer.teacher.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["pixel_values"]),
-                                              with_kwargs=True)
+    trainer.teacher.detector.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["pixel_values"]), with_kwargs=True)
     trainer._teacher_forward({"pixel_values": as_student}, None)
     torch.testing.assert_close(seen[0], as_teacher, atol=1e-5, rtol=1e-5)
     trainer.train()

@@ -1,5 +1,5 @@
-"""SADTrainer (`hf_sad.trainer`): the frozen teacher, each distillation loss training the student, evaluation with
-COCO mAP (and an undecodable evaluation image named or skipped), and resuming from a checkpoint.
+"""SADTrainer (`hf_sad.training.trainer`): the frozen teacher, each distillation loss training the student, evaluation
+with COCO mAP (and an undecodable evaluation image named or skipped), and resuming from a checkpoint.
 
 The trainer's parts are tested beside their modules: arguments in test_training_args.py, the loss and the teacher
 checks in test_distillation.py, the stream in test_data.py, the collator in test_collator.py and the safety callbacks
@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from transformers import TrainerState
 
 from hf_sad.data import detection_features, load_coco_detection
-from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
-from hf_sad.trainer import SADTrainer
+from hf_sad.data.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
+from hf_sad.training.trainer import SADTrainer
 
 from .utils import (
     IMAGE_SIZE,
@@ -184,7 +184,7 @@ def test_streaming_evaluation_set_with_an_undecodable_image_is_named_or_skipped(
 
 
 def test_a_teacher_that_finds_nothing_on_unlabeled_images_is_warned_about(tmp_path, labeled, caplog, monkeypatch):
-    monkeypatch.setattr("hf_sad.trainer.PSEUDO_BOX_DROUGHT", 3)
+    monkeypatch.setattr("hf_sad.training.callbacks.PSEUDO_BOX_DROUGHT", 3)
     student, teacher, processor = student_and_teacher()
     with torch.no_grad():
         teacher.class_head.predictor.bias.fill_(-30.0)  # every score ~0: nothing above any threshold
@@ -208,7 +208,7 @@ def test_paper_recipe_sgd_schedule_and_three_times_the_teachers_steps(tmp_path, 
     args = make_args(tmp_path, distill_loss="adl", recipe="paper", max_steps=-1, learning_rate=0.01)
     trainer = SADTrainer(student, str(teacher_dir), args, labeled, make_unlabeled_stream(image_size=IMAGE_SIZE),
                          processing_class=processor)
-    assert args.max_steps == 12  # 3x the teacher's 4 steps
+    assert trainer.args.max_steps == 12 and args.max_steps == -1  # 3x the teacher's 4 steps; the caller's unchanged
     trainer.create_optimizer_and_scheduler(num_training_steps=90)
     optimizer = trainer.optimizer
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9

@@ -1,4 +1,4 @@
-"""Arguments of detection training and SAD distillation (`hf_sad.training_args`): defaults and validation.
+"""Arguments of detection training and SAD distillation (`hf_sad.arguments`): defaults and validation.
 
 The defaults detection needs (unused columns kept, per-image label lists not concatenated, every process reading its
 own data) and those of the robustness settings; every impossible value is refused naming the argument, by
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
+from hf_sad.arguments import SADTrainingArguments
 from hf_sad.cli import main
-from hf_sad.synthetic import synthetic_id2label
-from hf_sad.training_args import SADTrainingArguments
+from hf_sad.data.synthetic import synthetic_id2label
 
 from .utils import TINY_CLI, assert_nothing_trained, make_args
 

@@ -1,7 +1,7 @@
-"""Transformers detectors of other kinds as teachers (`hf_sad.transformers_teacher`): the probability rule, the dense
-targets on the student's anchors and the pseudo-boxes that come back out of them, the student's image handed to the
-teacher's processor, tiny randomly initialised DETR and OWL-ViT teachers driving distillation, class mapping, and an
-oracle teacher (the ground truth with probability 1) against supervised training."""
+"""Transformers detectors of other kinds as teachers (`hf_sad.teachers.transformers_detector`): the probability rule,
+the dense targets on the student's anchors and the pseudo-boxes that come back out of them, the student's image
+handed to the teacher's processor, tiny randomly initialised DETR and OWL-ViT teachers driving distillation, class
+mapping, and an oracle teacher (the ground truth with probability 1) against supervised training."""
 
 import json
 import math
@@ -22,13 +22,13 @@ from transformers import (
     ResNetConfig,
 )
 
-from hf_sad.collator import SADDataCollator
-from hf_sad.distillation import hard_pseudo_labels, sad_loss
-from hf_sad.modeling_sad import SADObjectDetectionOutput, predicted_boxes
-from hf_sad.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
-from hf_sad.trainer import SADTrainer
-from hf_sad.training_args import DistillationArguments
-from hf_sad.transformers_teacher import TransformersDetectorTeacher, teacher_probabilities
+from hf_sad.arguments import DistillationArguments
+from hf_sad.data.collator import SADDataCollator
+from hf_sad.data.synthetic import SYNTHETIC_LABELS, make_labeled_dataset, make_unlabeled_stream
+from hf_sad.distillation.sad_loss import hard_pseudo_labels, sad_loss
+from hf_sad.model.modeling_sad import SADObjectDetectionOutput, predicted_boxes
+from hf_sad.teachers.transformers_detector import TransformersDetectorTeacher, teacher_probabilities
+from hf_sad.training.trainer import SADTrainer
 
 from .utils import IMAGE_SIZE, make_args, tiny_detector
 

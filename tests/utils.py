@@ -22,8 +22,8 @@ from torchvision.ops import box_iou
 from transformers import TrainerCallback
 
 from hf_sad import SADForObjectDetection, create_detector
-from hf_sad.synthetic import SYNTHETIC_LABELS, synthetic_id2label
-from hf_sad.training_args import SADTrainingArguments
+from hf_sad.arguments import SADTrainingArguments
+from hf_sad.data.synthetic import SYNTHETIC_LABELS, synthetic_id2label
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -164,7 +164,7 @@ def oracle_detector(detections: dict[int, list[tuple]] | None = None, **override
 def reference_detection_loss(logits, box_regression, anchors, boxes, classes, *, fg=0.5, bg=0.4, alpha=0.25,
                              gamma=2.0, beta=1 / 9):
     """RetinaNet's focal + smooth-L1 loss written out from its definition, image by image, in float64, for checking
-    `hf_sad.detection_loss` without its own matching or box coding.
+    `hf_sad.model.detection_loss` without its own matching or box coding.
 
     Args: (B, N, C) logits, (B, N, 4) box deltas, (N, 4) xyxy anchors, per image (M, 4) xyxy pixel boxes and (M,)
     classes. Matching: an anchor is positive at IoU >= `fg` with its best box, or when it is a box's best anchor

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection, AutoVideoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
 
-from .builder import create_detector
-from .configuration_sad import SADConfig
-from .image_processing_sad import SADImageProcessor
-from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput
+from .model.builder import create_detector
+from .model.configuration_sad import SADConfig
+from .model.image_processing_sad import SADImageProcessor
+from .model.modeling_sad import SADForObjectDetection, SADObjectDetectionOutput
 
 if TYPE_CHECKING:
-    from .distillation import sad_loss
-    from .trainer import SADTrainer
-    from .training_args import DetectionTrainingArguments, DistillationArguments, SADTrainingArguments
+    from .arguments import DetectionTrainingArguments, DistillationArguments, SADTrainingArguments
+    from .distillation.sad_loss import sad_loss
+    from .training.trainer import SADTrainer
 
 __version__ = "0.1.0"
 
@@ -45,11 +45,11 @@ SADImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 # Training-side names, imported when first accessed (PEP 562).
 _LAZY = {
-    "SADTrainer": "trainer",
-    "SADTrainingArguments": "training_args",
-    "DetectionTrainingArguments": "training_args",
-    "DistillationArguments": "training_args",
-    "sad_loss": "distillation",
+    "SADTrainer": "training.trainer",
+    "SADTrainingArguments": "arguments",
+    "DetectionTrainingArguments": "arguments",
+    "DistillationArguments": "arguments",
+    "sad_loss": "distillation.sad_loss",
 }
 
 

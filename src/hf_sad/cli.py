@@ -24,20 +24,15 @@ import timm
 import yaml
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, HfArgumentParser, set_seed
 
-from .builder import create_detector
-from .callbacks import TrainingStopped
-from .data import (
-    check_labeled_schema,
-    dataset_label_names,
-    first_images,
-    load_labeled_dataset,
-    load_unlabeled_images,
-)
+from .arguments import DetectionTrainingArguments, SADTrainingArguments
+from .data import dataset_label_names, load_labeled_dataset, load_unlabeled_images, prepare_training_data
+from .data.loading import check_labeled_schema, first_images
+from .data.synthetic import make_labeled_dataset, make_unlabeled_stream
 from .hub import is_hub_id, looks_like_local_path, write_exports_into_card
+from .model.builder import create_detector
 from .reporting import format_metrics, write_json
-from .synthetic import make_labeled_dataset, make_unlabeled_stream
-from .trainer import SADTrainer
-from .training_args import DetectionTrainingArguments, SADTrainingArguments
+from .training.callbacks import TrainingStopped
+from .training.trainer import SADTrainer
 
 logger = logging.getLogger("hf_sad")
 
@@ -253,15 +248,9 @@ def run_training(
                                    data_args.synthetic_image_size)
     set_seed(training_args.seed)  # a fresh student's initialisation is part of the run: same --seed, same run
     model, processor = build_student(model_args, id2label)
-    trainer = SADTrainer(
-        model,
-        teacher if training_args.distill_loss != "none" else None,
-        training_args,
-        train,
-        unlabeled,
-        evaluation,
-        processing_class=processor,
-    )
+    training_data = prepare_training_data(train, unlabeled, training_args, model.config.id2label, teacher)
+    trainer = SADTrainer(model, teacher, training_args, training_data, eval_dataset=evaluation,
+                         processing_class=processor)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()  # before evaluation: nothing that fails afterwards can lose the trained weights
     metrics = dict(train_result.metrics)
@@ -305,12 +294,10 @@ def distill_main(argv: list[str] | None = None) -> dict:
     )
     training_args = from_namespace(SADTrainingArguments, namespace)
     teachers = namespace.teacher or []
-    if training_args.distill_loss != "none" and not teachers and not training_args.ema_teacher:
-        raise SystemExit("hf-sad distill: error: --teacher is required for distillation (or pass --ema_teacher, or "
-                         "--distill_loss none).")
-    if teachers and training_args.ema_teacher:
-        raise SystemExit("hf-sad distill: error: --ema_teacher makes the teacher an average of the student: pass no "
-                         "--teacher.")
+    try:
+        training_args.check_teacher(given=bool(teachers), flag="--teacher")
+    except ValueError as error:  # a usage error, before any data is read
+        raise SystemExit(f"hf-sad distill: error: {error}") from None
     return run_training(from_namespace(DataArguments, namespace), from_namespace(ModelArguments, namespace),
                         training_args, teacher=teachers[0] if len(teachers) == 1 else teachers or None,
                         unlabeled_args=from_namespace(UnlabeledDataArguments, namespace))

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .builder import create_detector
+from .arguments import SADTrainingArguments
+from .data.synthetic import make_labeled_dataset, make_unlabeled_stream, synthetic_id2label
 from .inference import detect, detections_grid
+from .model.builder import create_detector
 from .reporting import write_json
-from .synthetic import make_labeled_dataset, make_unlabeled_stream, synthetic_id2label
-from .trainer import SADTrainer, SADTrainingArguments
+from .training.trainer import SADTrainer
 
 
 @dataclass(frozen=True)
@@ -29,14 +30,11 @@ class DemoConfig:
     """Sizes and schedules of the demo."""
 
     image_size: int = 128
-    # Generating a labeled scene takes about 5 ms, so a large labeled set is nearly free. With 96 of them the teacher
-    # was starved of data (10 mAP after 500 steps); with 500 it reached 37 mAP after 1150 steps (seed 0).
+    # A labeled scene costs about 5 ms to generate: a large labeled set is nearly free, and the teacher needs one.
     num_train: int = 500
     num_val: int = 200
-    # From scratch and at this budget, steps matter far more than depth: with 64-channel pyramid and heads, resnet18
-    # reached 7 mAP after 600 steps, resnet14t 10 after 500 (1.6x the time) and resnet10t 9 after 500. The teacher is
-    # therefore the student's backbone with twice the pyramid/head width, trained almost 4x as long (the demo's
-    # 10-minute budget: 4 min for the teacher, 1 for the baseline, 3 for the SAD student, on 2 CPU cores).
+    # From scratch at this budget, steps matter more than depth: the teacher is the student's backbone with twice the
+    # pyramid and head width, trained almost 4x as long (4 of the demo's minutes on 2 CPU cores).
     teacher_backbone: str = "resnet10t"
     teacher_width: int = 64
     student_backbone: str = "resnet10t"

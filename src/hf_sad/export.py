@@ -31,9 +31,9 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import box_convert
 
-from .box_ops import top_candidates
-from .image_processing_sad import SADImageProcessor
-from .modeling_sad import SADForObjectDetection
+from .model.box_ops import top_candidates
+from .model.image_processing_sad import SADImageProcessor
+from .model.modeling_sad import SADForObjectDetection
 
 logger = logging.getLogger(__name__)
 

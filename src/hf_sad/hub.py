@@ -317,6 +317,92 @@ def create_model_card(
     )
 
 
+def run_card_settings(args, processor) -> dict[str, Any]:
+    """The settings that define a run (`SADTrainingArguments`), as its model card lists them: the optimisation and
+    augmentation, then the ones its distillation mode names (`hf_sad.distillation.modes`)."""
+    mode = args.mode
+    settings = {
+        "distill_loss": args.distill_loss if mode.needs_teacher else None,
+        "steps": args.max_steps,
+        "learning_rate": args.learning_rate,
+        "batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+        "image_size": dict(processor.size) if processor is not None else None,
+        "hflip_prob": args.hflip_prob,
+        "scale_jitter": list(args.scale_jitter),
+        **{name: getattr(args, name) for name in mode.card_settings},
+    }
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def write_run_card(
+    trainer,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    tags: str | list[str] | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+    baseline_metrics: dict[str, float] | None = None,
+    teacher_metrics: dict[str, float] | None = None,
+    detections_image: str | None = None,
+    **kwargs,
+) -> Path:
+    """Write the model card (`README.md`) of a `SADTrainer`'s run into its output folder; returns the file.
+
+    Args:
+        trainer: the trainer (its model, teacher, settings and the metrics of its last evaluations).
+        model_name: the card's title; defaults to the Hub repo's name or the output folder's.
+        dataset_name: the evaluation data's name (Hub id or local name).
+        tags: extra Hub tags.
+        license: license identifier for the metadata, e.g. "apache-2.0".
+        datasets: training data sources; Hub ids go into the card's `datasets` metadata.
+        baseline_metrics: COCO metrics of a supervised student trained on the same data, for the results table.
+        teacher_metrics: the teacher's COCO metrics on the evaluation data; default: those of `evaluate_teacher`.
+        detections_image: a picture of detections inside the output folder, shown in the card.
+        kwargs: `finetuned_from` and `dataset`, as transformers' `Trainer.create_model_card` takes them.
+    """
+    unknown = set(kwargs) - {"finetuned_from", "dataset", "language", "tasks", "dataset_tags", "dataset_args"}
+    if unknown:
+        raise TypeError(f"create_model_card() got unexpected arguments {sorted(unknown)}.")
+    args = trainer.args
+    output_dir = Path(args.output_dir)
+    repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id
+    teacher = trainer.teacher
+    if detections_image is None and (output_dir / "detections.png").is_file():
+        detections_image = "detections.png"
+    card = create_model_card(
+        model_name=model_name or (repo_id.split("/")[-1] if repo_id else output_dir.name),
+        id2label=trainer.model.config.id2label,
+        backbone=trainer.model.config.backbone,
+        teacher=teacher.source if teacher is not None else None,
+        teacher_backbone=teacher.backbone if teacher is not None else None,
+        datasets=datasets,
+        metrics=_last_metrics(trainer, "eval_"),
+        teacher_metrics=teacher_metrics if teacher_metrics is not None else _last_metrics(trainer, "teacher_"),
+        baseline_metrics=baseline_metrics,
+        hyperparameters=run_card_settings(args, trainer.processing_class),
+        dataset_name=dataset_name or kwargs.get("dataset") or "custom",
+        detections_image=detections_image,
+        repo_id=repo_id,
+        license=license,
+        tags=[tags] if isinstance(tags, str) else tags,
+        base_model=kwargs.get("finetuned_from"),
+        method="sad" if teacher is not None else "supervised",
+        versions=framework_versions(),
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    card.save(str(output_dir / "README.md"))
+    return output_dir / "README.md"
+
+
+def _last_metrics(trainer, prefix: str) -> dict[str, float]:
+    """The metrics of the trainer's last log entry holding `{prefix}map`, prefix stripped (empty when there is
+    none)."""
+    for entry in reversed(trainer.state.log_history):
+        if f"{prefix}map" in entry:
+            return {k.removeprefix(prefix): v for k, v in entry.items() if k.startswith(prefix)}
+    return {}
+
+
 def write_exports_into_card(model_dir: str | os.PathLike) -> bool:
     """Name the exported files of a model folder (`hf-sad export`) in its card (README.md), with how to run them:
     a section after the usage, replaced by later exports. Returns whether the card names any export."""

@@ -12,9 +12,9 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-from .collator import IMAGE_SUFFIXES, decode_image
-from .image_processing_sad import SADImageProcessor
-from .modeling_sad import SADForObjectDetection
+from .data.collator import IMAGE_SUFFIXES, decode_image
+from .model.image_processing_sad import SADImageProcessor
+from .model.modeling_sad import SADForObjectDetection
 from .reporting import write_json
 
 __all__ = ["PredictionReport", "detect", "detections_grid", "draw_detections", "predict_images", "to_json"]

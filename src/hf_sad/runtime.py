@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoImageProcessor
 
 from .evaluation import DetectionMetrics, pack_detections, pack_targets
 from .export import EXPORT_FORMATS, INSTALL_HINT, METADATA_KEY, post_processing_settings
-from .image_processing_sad import SADImageProcessor
+from .model.image_processing_sad import SADImageProcessor
 
 __all__ = ["BACKENDS", "ExportedDetector", "evaluate_exported"]
 

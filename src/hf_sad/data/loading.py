@@ -1,14 +1,8 @@
-"""Data for distillation: labeled detection datasets, unlabeled image streams, and the mixed training stream.
+"""Labeled detection datasets and unlabeled image sources, loaded from what users have and checked before training.
 
 Labeled data is the transformers object-detection schema (as in cppe-5 and transformers' object-detection example):
 an `image` column and `objects` with `bbox` (COCO x, y, w, h in absolute pixels) and `category` (class ids, ideally a
 `ClassLabel` so names can be checked against the model). Unlabeled data is anything with an image column.
-
-Training always reads one stream (`build_training_stream`): the labeled images repeated without end, optionally
-interleaved with unlabeled images, each row numbered by `sample_index`. The collator derives each row's augmentation
-from that number rather than from the global RNG, so a run resumed from a checkpoint (which replays the stream up to
-the checkpoint) sees exactly the pixels an uninterrupted run would have seen. Decoding, box cleaning, augmentation and
-collation are `hf_sad.collator`'s (its names are re-exported here).
 """
 
 from __future__ import annotations
@@ -29,59 +23,28 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .collator import (
-    IMAGE_SUFFIXES,
-    CollationStats,
-    SADDataCollator,
-    checked_box,
-    clean_boxes,
-    decode_image,
-    decode_image_with_scale,
-    image_name,
-    map_categories,
-    objects_as_columns,
-)
-from .hub import is_hub_id, looks_like_local_path
+from ..hub import is_hub_id, looks_like_local_path
+from .collator import IMAGE_SUFFIXES, checked_box, decode_image, image_name, map_categories, objects_as_columns
 
-# The collator's public names are re-exported: they have always been importable from hf_sad.data.
 __all__ = [
-    "STREAM_FEATURES",
-    "CollationStats",
-    "SADDataCollator",
-    "build_training_stream",
+    "LABELED_LAYOUTS",
     "category_mapping",
     "check_labeled_dataset",
     "check_labeled_schema",
     "check_parquet_shards",
-    "check_unlabeled_dataset",
-    "clean_boxes",
+    "coco_image_dir",
     "dataset_label_names",
-    "decode_image",
-    "decode_image_with_scale",
     "detection_features",
+    "first_images",
     "image_column",
     "load_coco_detection",
     "load_labeled_dataset",
     "load_unlabeled_images",
-    "map_categories",
+    "parquet_files",
     "with_model_categories",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Schema of the training stream. Images stay undecoded (bytes/path) until the collator, which decodes them itself so
-#: that one corrupt file in an unlabeled pool can be counted and skipped instead of killing a DataLoader worker.
-STREAM_FEATURES = Features(
-    {
-        "image": ImageFeature(decode=False),
-        "objects": {
-            "bbox": List(List(Value("float32"), length=4)),
-            "category": List(Value("int64")),
-            "iscrowd": List(Value("int64")),
-        },
-        "is_labeled": Value("bool"),
-    }
-)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -453,7 +416,7 @@ def image_column(dataset: datasets.Dataset | datasets.IterableDataset) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The training stream
+# Checks before training
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -543,93 +506,3 @@ def check_labeled_dataset(
             "pixels of the file as it is; check that the annotations belong to these files.",
             name, len(wrong_size), checked, "; ".join(wrong_size[:3]),
         )
-
-
-def check_unlabeled_dataset(dataset: datasets.Dataset | datasets.IterableDataset, args=None) -> None:
-    """Refuse an unlabeled dataset that would leave a "semi-supervised" run labeled-only: one without rows (a stream
-    is asked for its first row) or without an image column. With `args` (`DistillationArguments`), also one that a
-    supervised run (`distill_loss="none"`) or `unlabeled_ratio=0` would never use."""
-    column = image_column(dataset)
-    streaming = not isinstance(dataset, datasets.Dataset)
-    if streaming:  # its first row, undecoded: a bad first image is the collator's to skip and count
-        empty = next(iter(dataset.cast_column(column, ImageFeature(decode=False)).take(1)), None) is None
-    else:
-        empty = len(dataset) == 0
-    if empty:
-        raise ValueError("unlabeled_dataset is empty: it yields no image. Check the unlabeled source, or train "
-                         "without one.")
-    if args is not None and args.distill_loss == "none":
-        raise ValueError(
-            "An unlabeled_dataset was given but distill_loss='none' trains supervised only: its images would take "
-            "half of every batch and teach nothing. Distil from a teacher, or train without it."
-        )
-    if args is not None and args.unlabeled_ratio == 0:
-        raise ValueError("An unlabeled_dataset was given but unlabeled_ratio=0 would never read it; set "
-                         "unlabeled_ratio (0.5 alternates labeled and unlabeled images, as the paper).")
-
-
-def _as_stream_rows(
-    dataset: datasets.IterableDataset,
-    labeled: bool,
-    mapping: Mapping[int, int] | None,
-    id2label: Mapping[int, str] | None = None,
-):
-    column = image_column(dataset)
-    dataset = dataset.cast_column(column, ImageFeature(decode=False))
-
-    def to_row(example: dict) -> dict:
-        if labeled:
-            where = " ".join([image_name(example[column])] + (
-                [f"image_id={example['image_id']}"] if example.get("image_id") is not None else []))
-            objects = objects_as_columns(example["objects"], f"Annotation of image {where}")
-            objects["category"] = map_categories(objects["category"], mapping, id2label, where=f"image {where}")
-            del objects["area"]  # evaluation's; training does not read it
-        else:
-            objects = {"bbox": [], "category": [], "iscrowd": []}
-        return {"image": example[column], "objects": objects, "is_labeled": labeled}
-
-    return dataset.map(to_row, remove_columns=dataset.column_names, features=STREAM_FEATURES)
-
-
-def build_training_stream(
-    labeled: datasets.Dataset | datasets.IterableDataset,
-    unlabeled: datasets.IterableDataset | datasets.Dataset | None = None,
-    *,
-    unlabeled_ratio: float = 0.5,
-    category_map: Mapping[int, int] | None = None,
-    seed: int = 42,
-    num_shards: int = 8,
-    shuffle_buffer: int = 1000,
-    id2label: Mapping[int, str] | None = None,
-) -> datasets.IterableDataset:
-    """One endless stream of training rows: labeled images (shuffled, repeated) interleaved with unlabeled images.
-
-    Each row has `image` (undecoded), `objects` (boxes and model label ids; empty for unlabeled rows), `is_labeled`,
-    and `sample_index` (its position in the stream). A share `unlabeled_ratio` of the rows is unlabeled on average;
-    with 0.5 the two alternate exactly, as in the paper. A finite unlabeled set is repeated as well.
-
-    `num_shards` splits map-style data into that many shards, so that accelerate can give each process whole shards
-    (disjoint data) and DataLoader workers can share the work; keep it a multiple of processes x workers.
-    `id2label` (the model's labels) makes a category id outside them an error naming the image and the labels.
-    """
-    check_labeled_schema(labeled, "train_dataset")
-    if isinstance(labeled, datasets.Dataset):
-        labeled = labeled.to_iterable_dataset(num_shards=min(num_shards, max(1, len(labeled))))
-    stream = _as_stream_rows(labeled, True, category_map, id2label)
-    stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer).repeat(None)
-    if unlabeled is not None and unlabeled_ratio > 0:
-        if isinstance(unlabeled, datasets.Dataset):
-            unlabeled = unlabeled.to_iterable_dataset(num_shards=min(num_shards, max(1, len(unlabeled))))
-        unlabeled_rows = _as_stream_rows(unlabeled, False, None).repeat(None)
-        if unlabeled_ratio == 0.5:
-            stream = datasets.interleave_datasets([stream, unlabeled_rows], stopping_strategy="all_exhausted")
-        else:
-            stream = datasets.interleave_datasets(
-                [stream, unlabeled_rows],
-                probabilities=[1 - unlabeled_ratio, unlabeled_ratio],
-                seed=seed,
-                stopping_strategy="all_exhausted",
-            )
-    features = STREAM_FEATURES.copy()
-    features["sample_index"] = Value("int64")
-    return stream.map(lambda _, index: {"sample_index": index}, with_indices=True, features=features)

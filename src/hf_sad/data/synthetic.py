@@ -339,7 +339,7 @@ def _derive_seed(*key: int) -> int:
 
 def labeled_features(coloured: bool = False) -> datasets.Features:
     """Features of `make_labeled_dataset`: the transformers object-detection (cppe-5 style) schema."""
-    from .data import detection_features
+    from .loading import detection_features
 
     return detection_features(synthetic_labels(coloured))
 

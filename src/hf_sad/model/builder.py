@@ -1,4 +1,5 @@
-"""Fresh detectors: a model and its matching image processor, optionally starting from pretrained weights.
+"""Detectors to train: fresh ones (a model and its matching image processor, optionally starting from pretrained
+weights) and saved ones (`load_detector`, with errors that say what is wrong).
 
 Pretrained weights are loaded here and never in `SADForObjectDetection.__init__`, because `from_pretrained`
 constructs the model on the meta device and must not download or overwrite anything. Two starts are offered: timm's
@@ -12,10 +13,13 @@ from pathlib import Path
 
 import timm
 from safetensors.torch import load_file
+from transformers import AutoModelForObjectDetection
 
 from .configuration_sad import SADConfig
 from .image_processing_sad import SADImageProcessor
 from .modeling_sad import SADForObjectDetection
+
+__all__ = ["create_detector", "load_detector"]
 
 #: The parts of a detector that `init_from` copies: everything but the task-specific heads.
 TRANSFERRED_PARTS = ("backbone.", "pyramid.")
@@ -118,4 +122,21 @@ def load_backbone_and_pyramid(model: SADForObjectDetection, checkpoint: str | Pa
             f"fpn_channels={model.config.fpn_channels}): tensors {'; '.join(problems)}."
         )
     model.load_state_dict(saved, strict=False)
+    return model
+
+
+def load_detector(model: SADForObjectDetection | str, role: str) -> SADForObjectDetection:
+    """`model` itself, or the SAD detector saved at the path / Hub id `model`; errors name the `role` ("teacher")."""
+    if isinstance(model, str):
+        if Path(model).is_file():
+            raise ValueError(
+                f"The {role} {model!r} is a file; pass the folder that holds the saved model (config.json and "
+                f"model.safetensors), e.g. {str(Path(model).parent)!r}."
+            )
+        try:
+            model = AutoModelForObjectDetection.from_pretrained(model)
+        except (OSError, ValueError) as err:  # missing/unreadable files; ValueError: a folder without a SAD config
+            raise ValueError(f"Could not load the {role} from {model!r}: {err}") from err
+    if not isinstance(model, SADForObjectDetection):
+        raise TypeError(f"The {role} must be a SADForObjectDetection, got {type(model).__name__}.")
     return model

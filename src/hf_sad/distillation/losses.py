@@ -30,19 +30,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torchvision.ops import box_convert
-
-from .image_processing_sad import select_detections
 
 __all__ = [
+    "ADL_VARIANTS",
     "adaptive_distillation_loss",
     "binary_entropy",
     "focal_distillation_loss",
-    "hard_pseudo_labels",
     "kl_distillation_loss",
 ]
 
-_VARIANTS = ("paper", "released")
+#: ADL's variants: the paper's (weight x KL) and the authors' released operator (weight x soft cross-entropy).
+ADL_VARIANTS = ("paper", "released")
+# The normalisers the kernels compute themselves; `hf_sad.distillation.sad_loss` passes others as tensors.
 _NORMALIZERS = ("adaptive", "none")
 # Entries per chunk. On CPU a chunk's temporaries (1 MiB each) should stay in cache while the chunk is big enough to
 # amortise per-op dispatch and thread wake-ups (measured best at 2**17-2**18); on accelerators chunks only bound
@@ -344,8 +343,8 @@ def _check_args(
         raise ValueError("logits need a trailing class dimension, got a 0-dim tensor.")
     if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
         raise ValueError(f"logits must be floating point, got {student_logits.dtype} and {teacher_logits.dtype}.")
-    if variant not in _VARIANTS:
-        raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}.")
+    if variant not in ADL_VARIANTS:
+        raise ValueError(f"variant must be one of {ADL_VARIANTS}, got {variant!r}.")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}.")
     if beta < 0:
@@ -539,41 +538,3 @@ def focal_distillation_loss(
         power=power, mask=mask, variant="paper", alpha=0.5, detach_weight=detach_weight,
         sync_normalizer=sync_normalizer, return_stats=return_stats,
     )
-
-
-def hard_pseudo_labels(
-    teacher_logits: Tensor,
-    teacher_boxes: Tensor,
-    *,
-    threshold: float = 0.5,
-    nms_iou_threshold: float = 0.5,
-    pre_nms_top_k: int = 1000,
-    max_detections: int = 100,
-) -> list[dict[str, Tensor]]:
-    """Teacher detections above `threshold` as hard targets ("data distillation"), in the model's label format.
-
-    Args:
-        teacher_logits: (B, N, C) classification logits of the teacher.
-        teacher_boxes: (B, N, 4) the teacher's `pred_boxes`, normalised cxcywh.
-
-    Returns:
-        Per image `{"class_labels": (k,) int64, "boxes": (k, 4) normalised cxcywh, "scores": (k,)}` after
-        class-wise NMS, so they can stand in for ground truth in `SADForObjectDetection.detection_loss`.
-    """
-    boxes = box_convert(teacher_boxes.float(), "cxcywh", "xyxy").clamp(0.0, 1.0)
-    detections = select_detections(
-        teacher_logits.float().sigmoid(),
-        boxes,
-        score_threshold=threshold,
-        nms_iou_threshold=nms_iou_threshold,
-        pre_nms_top_k=pre_nms_top_k,
-        max_detections=max_detections,
-    )
-    return [
-        {
-            "class_labels": d["labels"],
-            "boxes": box_convert(d["boxes"], "xyxy", "cxcywh"),
-            "scores": d["scores"],
-        }
-        for d in detections
-    ]

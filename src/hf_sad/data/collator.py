@@ -23,10 +23,13 @@ from PIL import Image, ImageOps
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from .image_processing_sad import SADImageProcessor, get_resize_output_size
+from ..arguments import AugmentationArguments, DataMixArguments, RobustnessArguments
+from ..model.image_processing_sad import SADImageProcessor, get_resize_output_size
 
 logger = logging.getLogger(__name__)
 
+#: The default augmentation (the collator's defaults are the arguments').
+_AUGMENTATION = AugmentationArguments()
 #: File suffixes read as images where a folder is searched for them.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -293,13 +296,13 @@ class SADDataCollator:
         self,
         processor: SADImageProcessor,
         *,
-        hflip_prob: float = 0.5,
-        scale_range: tuple[float, float] = (0.8, 1.2),
+        hflip_prob: float = _AUGMENTATION.hflip_prob,
+        scale_range: tuple[float, float] = tuple(_AUGMENTATION.scale_jitter),
         seed: int = 42,
         category_map: Mapping[int, int] | None = None,
         id2label: Mapping[int, str] | None = None,
-        skip_bad_labeled_images: bool = False,
-        student_color_jitter: float = 0.0,
+        skip_bad_labeled_images: bool = RobustnessArguments.skip_bad_labeled_images,
+        student_color_jitter: float = DataMixArguments.student_color_jitter,
     ):
         self.processor = processor
         self.student_color_jitter = student_color_jitter

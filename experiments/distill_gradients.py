@@ -1,10 +1,10 @@
 """Where each distillation loss pushes the student: a diagnostic for claim C1 (ADL beats KL) of the ablation grid.
 
-    python bench/distill_gradients.py [--dataset synthetic] [--seed 0] [--student start|teacher_same] [--batches 8]
-                                      [--quick]
+    python experiments/distill_gradients.py [--dataset synthetic] [--seed 0] [--student start|teacher_same]
+                                            [--batches 8] [--quick]
 
 At the start of an ablation row (the student's pretrained start with fresh heads, and the row's trained teacher from
-`bench/ablation.py`'s work dir), or with a trained student in its place (`--student teacher_same`: the student's
+`experiments/ablation.py`'s work dir), or with a trained student in its place (`--student teacher_same`: the student's
 architecture trained 3x longer, as a student late in training), it takes labeled training batches and measures, for
 each distillation loss of the grid, the gradient that loss sends to the student's classification logits, as it would
 enter the step (the row's distillation settings, weight 1). Per loss it prints:
@@ -28,8 +28,8 @@ import torch
 
 from hf_sad import SADForObjectDetection, SADImageProcessor, SADTrainer
 from hf_sad.demo import training_arguments
-from hf_sad.detection_loss import detection_loss
-from hf_sad.distillation import _normalizer, distillation_term, distilled_anchors
+from hf_sad.distillation.sad_loss import _normalizer, distillation_term, distilled_anchors
+from hf_sad.model.detection_loss import detection_loss
 
 #: The grid's labeled-only distillation rows.
 LOSSES = ("kl", "fdl", "adl", "adl_released", "kl_background")
@@ -64,7 +64,7 @@ def measure(dataset: str, seed: int, student_from: str, batches: int, quick: boo
     folders = {row: work / f"{dataset}-{seed}" / row for row in ("teacher", student_from) if row != "start"}
     for row, folder in folders.items():
         if not (folder / "model.safetensors").is_file():
-            raise SystemExit(f"No {row} in {folder}: run `python bench/ablation.py --datasets {dataset} "
+            raise SystemExit(f"No {row} in {folder}: run `python experiments/ablation.py --datasets {dataset} "
                              f"--only_seeds {seed} --rows {row}{' --quick' if quick else ''}` first.")
     train, _, _, _, id2label, size = ablation.scenario(dataset, seed, setting)
     if student_from == "start":

@@ -3,47 +3,58 @@
 `sad_loss` is what `SADTrainer.compute_loss` calls and what benchmarks and custom loops can call without a Trainer:
 
 - the supervised focal + box loss on the labeled images,
-- a distillation term (`distill_loss`) between student and teacher logits on the labeled images, weighted by
-  `labeled_distill_weight`,
-- on the unlabeled images, a distillation term weighted by `unlabeled_distill_weight`, plus RetinaNet's loss against
-  the teacher's detections above `pseudo_label_threshold` (pseudo-boxes) weighted by `pseudo_box_weight`: the full
-  focal + box loss (`pseudo_box_loss="full"`, what the authors' code does) or the box loss only (`"box"`); or, with
-  `distill_loss="hard"`, the full supervised loss against the pseudo-boxes instead of any soft term (data
-  distillation). With `drop_unlabeled_without_pseudo_boxes`, unlabeled images on which the teacher detects nothing
+- the distillation mode's soft term (`hf_sad.distillation.modes`) between student and teacher logits on the labeled
+  images, weighted by `labeled_distill_weight`,
+- on the unlabeled images, the soft term weighted by `unlabeled_distill_weight`, plus RetinaNet's loss against the
+  teacher's detections above `pseudo_label_threshold` (pseudo-boxes) weighted by `pseudo_box_weight`: the full focal
+  + box loss (`pseudo_box_loss="full"`, what the authors' code does) or the box loss only (`"box"`); or, in a mode
+  that trains on pseudo-boxes only (`"hard"`, data distillation), the full supervised loss against them instead of
+  any soft term. With `drop_unlabeled_without_pseudo_boxes`, unlabeled images on which the teacher detects nothing
   leave the step, as the authors' data loader cannot load them.
 
 Anchors in the ignore band of the ground-truth boxes (labeled images) or of the pseudo-boxes (unlabeled images) are
 left out of the distillation, as in the original implementation. Teacher and student must produce logits that line up
-anchor by anchor and class by class (`check_teacher_compatible`).
+anchor by anchor and class by class (`hf_sad.teachers.base.check_teacher_compatible`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torchvision.ops import box_convert
-from transformers import AutoModelForObjectDetection
 
-from .detection_loss import assign_anchors, box_loss, detection_loss
-from .image_processing_sad import SADImageProcessor
-from .losses import adaptive_distillation_loss, binary_entropy, focal_distillation_loss, kl_distillation_loss
-from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput
-from .training_args import DistillationArguments
+from ..model.detection_loss import assign_anchors, box_loss, detection_loss
+from ..model.image_processing_sad import SADImageProcessor
+from ..model.modeling_sad import SADObjectDetectionOutput
+from .losses import binary_entropy
+from .modes import distillation_mode
+
+if TYPE_CHECKING:
+    from ..arguments import LossArguments
 
 __all__ = [
+    "DISTILL_ENTRIES",
+    "DISTILL_NORMALIZERS",
+    "NORMALIZER_ANCHORS",
+    "PSEUDO_BOX_LOSSES",
     "SADLossOutput",
-    "check_teacher_compatible",
+    "distillation_term",
+    "distilled_anchors",
     "hard_pseudo_labels",
-    "load_detector",
-    "normalization_affine",
-    "renormalize",
     "sad_loss",
-    "saved_image_processor",
-    "teacher_input_transform",
     "zero_loss",
 ]
+
+#: What the distillation sum is divided by: the teacher's soft count of positives, or the positive anchors.
+DISTILL_NORMALIZERS = ("adaptive", "positives")
+#: Which anchors the adaptive normaliser counts: every anchor of the images (the authors' code), or the distilled ones.
+NORMALIZER_ANCHORS = ("all", "distilled")
+#: The loss against pseudo-boxes: RetinaNet's focal + box loss, or the box loss only.
+PSEUDO_BOX_LOSSES = ("full", "box")
+#: Which anchors are distilled: all outside the ignore band, or background ones only.
+DISTILL_ENTRIES = ("all", "background")
 
 
 @dataclass
@@ -59,91 +70,6 @@ class SADLossOutput:
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def load_detector(model: SADForObjectDetection | str, role: str) -> SADForObjectDetection:
-    """`model` itself, or the SAD detector saved at the path / Hub id `model`; errors name the `role` ("teacher")."""
-    if isinstance(model, str):
-        if Path(model).is_file():
-            raise ValueError(
-                f"The {role} {model!r} is a file; pass the folder that holds the saved model (config.json and "
-                f"model.safetensors), e.g. {str(Path(model).parent)!r}."
-            )
-        try:
-            model = AutoModelForObjectDetection.from_pretrained(model)
-        except (OSError, ValueError) as err:  # missing/unreadable files; ValueError: a folder without a SAD config
-            raise ValueError(f"Could not load the {role} from {model!r}: {err}") from err
-    if not isinstance(model, SADForObjectDetection):
-        raise TypeError(f"The {role} must be a SADForObjectDetection, got {type(model).__name__}.")
-    return model
-
-
-def check_teacher_compatible(teacher: SADForObjectDetection, student: SADForObjectDetection) -> None:
-    """Raise a ValueError listing every difference that would misalign teacher and student logits.
-
-    Distillation compares the two models anchor by anchor and class by class, so they need the same pyramid levels,
-    the same anchors per location and the same classes in the same order; backbones and widths may differ.
-    """
-    fields = ("min_level", "max_level", "anchor_scale", "scales_per_octave", "aspect_ratios")
-    diffs = [
-        f"{name}: teacher {getattr(teacher.config, name)!r} vs student {getattr(student.config, name)!r}"
-        for name in fields
-        if getattr(teacher.config, name) != getattr(student.config, name)
-    ]
-    teacher_labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
-    student_labels = [student.config.id2label[i] for i in range(student.config.num_labels)]
-    if teacher_labels != student_labels:
-        diffs.append(f"classes (by id): teacher {teacher_labels} vs student {student_labels}")
-    if diffs:
-        raise ValueError(
-            "Teacher and student are not compatible for distillation (their logits would not line up):\n  - "
-            + "\n  - ".join(diffs)
-            + "\nBuild the student with the teacher's levels, anchors and id2label."
-        )
-
-
-def normalization_affine(processor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(a, b)`, each (3,) float64, with `pixel_values = raw * a + b` per channel for the raw 0-255 pixels `processor`
-    rescales (`rescale_factor`, when `do_rescale`) and normalises (`image_mean`, `image_std`, when `do_normalize`)."""
-    rescale = processor.rescale_factor if processor.do_rescale else 1.0
-    mean = torch.tensor(processor.image_mean if processor.do_normalize else [0.0] * 3, dtype=torch.float64)
-    std = torch.tensor(processor.image_std if processor.do_normalize else [1.0] * 3, dtype=torch.float64)
-    return rescale / std, -mean / std
-
-
-def teacher_input_transform(student_processor, teacher_processor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`(scale, shift)`, each (3, 1, 1) float32, that turn pixel values normalised by `student_processor` into those
-    `teacher_processor` would give for the same image (`x_teacher = x_student * scale + shift`); None when the two
-    rescale and normalise alike (or either is unknown), e.g. an ImageNet-normalised student and a CLIP teacher."""
-    if student_processor is None or teacher_processor is None:
-        return None
-    a_student, b_student = normalization_affine(student_processor)
-    a_teacher, b_teacher = normalization_affine(teacher_processor)
-    scale = a_teacher / a_student
-    shift = b_teacher - b_student * scale
-    if torch.allclose(scale, torch.ones_like(scale)) and torch.allclose(shift, torch.zeros_like(shift)):
-        return None
-    return scale.float()[:, None, None], shift.float()[:, None, None]
-
-
-def renormalize(pixel_values: torch.Tensor, transform: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """(B, 3, H, W) pixel values through `teacher_input_transform`'s `(scale, shift)`; unchanged for None."""
-    if transform is None:
-        return pixel_values
-    scale, shift = transform
-    return pixel_values * scale.to(pixel_values) + shift.to(pixel_values)
-
-
-def saved_image_processor(teacher) -> SADImageProcessor | None:
-    """The image processor saved with a teacher (given as a path / Hub id, or a model loaded from one); None when
-    there is none, e.g. a model built in memory (its inputs are then assumed normalised as the student's)."""
-    source = teacher if isinstance(teacher, str) else getattr(teacher, "name_or_path", "")
-    if not source:
-        return None
-    try:
-        return SADImageProcessor.from_pretrained(source)
-    except (OSError, ValueError):
-        return None
 
 
 def hard_pseudo_labels(
@@ -176,7 +102,7 @@ def sad_loss(
     teacher_outputs: SADObjectDetectionOutput | None,
     labels: list[dict[str, torch.Tensor]],
     is_labeled: torch.Tensor,
-    args: DistillationArguments,
+    args: LossArguments,
     processor: SADImageProcessor,
 ) -> SADLossOutput:
     """The loss of one SAD training step (see the module docstring).
@@ -190,6 +116,7 @@ def sad_loss(
         args: the distillation settings (`DistillationArguments` or `SADTrainingArguments`).
         processor: the student's image processor; its post-processing settings make the pseudo-boxes.
     """
+    mode = distillation_mode(args.distill_loss)
     labeled = is_labeled.nonzero().flatten().tolist()
     unlabeled = (~is_labeled).nonzero().flatten().tolist()
     loss, metrics = zero_loss(outputs), {}
@@ -200,20 +127,18 @@ def sad_loss(
         assignment_labels[labeled] = supervised.assignment.labels
         metrics.update(loss_gt=supervised.loss.detach(), loss_cls=supervised.loss_dict["loss_cls"],
                        loss_box=supervised.loss_dict["loss_box"])
-    if teacher_outputs is None or args.distill_loss == "none":
+    if teacher_outputs is None or not mode.needs_teacher:
         return SADLossOutput(loss, metrics)
     if teacher_outputs.logits.shape != outputs.logits.shape:
         raise RuntimeError(
             f"Teacher logits {tuple(teacher_outputs.logits.shape)} do not line up with student logits "
             f"{tuple(outputs.logits.shape)}."
         )
-    if getattr(teacher_outputs, "teacher_disagreement", None) is not None:  # an ensemble of teachers
-        metrics["teacher_disagreement"] = teacher_outputs.teacher_disagreement
 
     pseudo = {}
     if unlabeled:
         # A teacher that predicts a set of boxes (a transformers detector) gives its pseudo-boxes from that set.
-        source = teacher_outputs.detections() if hasattr(teacher_outputs, "detections") else teacher_outputs
+        source = teacher_outputs.detections()
         rows = SADObjectDetectionOutput(logits=source.logits[unlabeled], pred_boxes=source.pred_boxes[unlabeled])
         pseudo = dict(zip(unlabeled, hard_pseudo_labels(rows, processor, args.pseudo_label_threshold)))
         metrics["pseudo_boxes_per_image"] = torch.tensor(sum(len(p["boxes"]) for p in pseudo.values()) / len(pseudo))
@@ -222,12 +147,12 @@ def sad_loss(
             metrics["unlabeled_dropped"] = torch.tensor(float(len(unlabeled) - len(kept)))
             unlabeled = kept
 
-    if unlabeled and (args.distill_loss == "hard" or (args.pseudo_box_loss == "full" and args.pseudo_box_weight)):
-        # The teacher's detections as ground truth: RetinaNet's full loss ("hard" data distillation; in SAD as the
-        # authors' code runs it, on top of the soft targets).
+    if unlabeled and (mode.pseudo_boxes_only or (args.pseudo_box_loss == "full" and args.pseudo_box_weight)):
+        # The teacher's detections as ground truth: RetinaNet's full loss (data distillation; in SAD as the authors'
+        # code runs it, on top of the soft targets).
         hard = _rows_detection_loss(config, outputs, unlabeled, [pseudo[i] for i in unlabeled])
         assignment_labels[unlabeled] = hard.assignment.labels
-        if args.distill_loss == "hard":
+        if mode.pseudo_boxes_only:
             loss = loss + args.unlabeled_distill_weight * hard.loss
             metrics["loss_distill_unlabeled"] = hard.loss.detach()
             return SADLossOutput(loss, metrics)
@@ -243,7 +168,7 @@ def sad_loss(
             loss_box = box_loss(outputs.box_regression[unlabeled], outputs.anchors, targets, sizes, assignment, config)
             loss = loss + args.pseudo_box_weight * loss_box
             metrics["loss_box_pseudo"] = loss_box.detach()
-    if args.distill_loss == "hard":
+    if mode.soft_term is None:
         return SADLossOutput(loss, metrics)
 
     keep = distilled_anchors(assignment_labels, args)
@@ -263,12 +188,12 @@ def sad_loss(
         loss = loss + weight * term
         metrics[f"loss_distill_{name}"] = term.detach()
         metrics[f"distill_normalizer_{name}"] = stats["normalizer"]
-        if args.distill_loss == "adl":
+        if mode.logs_mean_weight:
             metrics[f"adl_mean_weight_{name}"] = stats["mean_weight"]
     return SADLossOutput(loss, metrics)
 
 
-def distilled_anchors(assignment_labels: torch.Tensor, args: DistillationArguments) -> torch.Tensor:
+def distilled_anchors(assignment_labels: torch.Tensor, args: LossArguments) -> torch.Tensor:
     """(B, N) bool: the anchors distilled, given their (B, N) assignment (1 foreground, 0 background, -1 ignore band
     of the real or pseudo boxes): every anchor outside the ignore band, or background only
     (`args.distill_entries == "background"`)."""
@@ -282,7 +207,7 @@ def _normalizer(
     assignment_labels: torch.Tensor,
     mask: torch.Tensor,
     in_rows: torch.Tensor,
-    args: DistillationArguments,
+    args: LossArguments,
 ) -> str | torch.Tensor:
     """What the distillation sum of some rows is divided by (see `DistillationArguments.distill_normalizer`)."""
     if args.distill_normalizer == "positives":
@@ -299,24 +224,13 @@ def distillation_term(
     teacher_logits: torch.Tensor,
     mask: torch.Tensor,
     normalizer: str | torch.Tensor,
-    args: DistillationArguments,
+    args: LossArguments,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The `args.distill_loss` ("adl", "kl" or "fdl") of (B, N, C) logits over the entries of the (B, N) `mask`."""
-    common = dict(
-        temperature=args.distill_temperature,
-        normalizer=normalizer,
-        power=args.normalizer_power,
-        mask=mask,
-        return_stats=True,
+    """The soft term of the mode `args.distill_loss` of (B, N, C) logits over the entries of the (B, N) `mask`."""
+    return distillation_mode(args.distill_loss).soft_term(
+        student_logits, teacher_logits, args, temperature=args.distill_temperature, normalizer=normalizer,
+        power=args.normalizer_power, mask=mask, return_stats=True,
     )
-    if args.distill_loss == "adl":
-        return adaptive_distillation_loss(
-            student_logits, teacher_logits, beta=args.adl_beta, gamma=args.adl_gamma, variant=args.adl_variant,
-            **common,
-        )
-    if args.distill_loss == "fdl":
-        return focal_distillation_loss(student_logits, teacher_logits, gamma=args.adl_gamma, **common)
-    return kl_distillation_loss(student_logits, teacher_logits, **common)
 
 
 def _rows_detection_loss(config, outputs: SADObjectDetectionOutput, rows: list[int], targets: list[dict]):

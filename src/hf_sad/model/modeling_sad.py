@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .box_ops import AnchorAssignment, decode_boxes, encode_boxes, make_anchors, make_cell_anchors, match_anchors
+from .box_ops import decode_boxes, make_anchors, make_cell_anchors
 from .configuration_sad import SADConfig
 from .detection_loss import detection_loss
 
@@ -202,6 +202,11 @@ class SADObjectDetectionOutput(ModelOutput):
     spatial_shapes: torch.LongTensor | None = None
     image_sizes: torch.FloatTensor | None = None
 
+    def detections(self) -> SADObjectDetectionOutput:
+        """What post-processing turns into detections (`logits` and `pred_boxes`): this output itself. A teacher that
+        predicts its own set of boxes (`hf_sad.teachers`) gives that set instead."""
+        return self
+
 
 class SADPreTrainedModel(PreTrainedModel):
     config_class = SADConfig
@@ -296,22 +301,39 @@ class SADForObjectDetection(SADPreTrainedModel):
 
         spatial_shapes = [tuple(f.shape[-2:]) for f in pyramid]
         anchors = self.anchors_for(spatial_shapes, pixel_values.device)
-        image_sizes = valid_sizes(pixel_values, pixel_mask, labels)
-        pred_boxes = predicted_boxes(box_regression, anchors, image_sizes)
-
-        loss = loss_dict = None
-        if labels is not None:
-            loss, loss_dict, _ = detection_loss(logits, box_regression, anchors, labels, image_sizes, self.config)
-        return SADObjectDetectionOutput(
-            loss=loss,
-            loss_dict=loss_dict,
-            logits=logits,
-            pred_boxes=pred_boxes,
-            box_regression=box_regression,
-            anchors=anchors,
+        return detection_outputs(
+            logits, box_regression, anchors, valid_sizes(pixel_values, pixel_mask, labels), self.config, labels,
             spatial_shapes=torch.tensor(spatial_shapes, dtype=torch.long, device=pixel_values.device),
-            image_sizes=image_sizes,
         )
+
+
+def detection_outputs(
+    logits: torch.Tensor,
+    box_regression: torch.Tensor,
+    anchors: torch.Tensor,
+    image_sizes: torch.Tensor,
+    config: SADConfig,
+    labels: list[dict[str, torch.Tensor]] | None = None,
+    output_class: type[SADObjectDetectionOutput] = SADObjectDetectionOutput,
+    **fields,
+) -> SADObjectDetectionOutput:
+    """A detector's output (`output_class`, with any of its other `fields`) from its dense predictions: (B, N, C)
+    `logits` and (B, N, 4) `box_regression` on (N, 4) xyxy `anchors`, for images whose valid regions are the (B, 2)
+    (height, width) `image_sizes`; with `labels`, the supervised loss of `config`'s matching and losses. The model and
+    every teacher (`hf_sad.teachers`) build their outputs here."""
+    loss = loss_dict = None
+    if labels is not None:
+        loss, loss_dict, _ = detection_loss(logits, box_regression, anchors, labels, image_sizes, config)
+    return output_class(
+        loss=loss,
+        loss_dict=loss_dict,
+        logits=logits,
+        pred_boxes=predicted_boxes(box_regression, anchors, image_sizes),
+        box_regression=box_regression,
+        anchors=anchors,
+        image_sizes=image_sizes,
+        **fields,
+    )
 
 
 def predicted_boxes(box_regression: torch.Tensor, anchors: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
@@ -340,16 +362,4 @@ def valid_sizes(
     return pixel_values.new_tensor([height, width], dtype=torch.float32).expand(batch, 2)
 
 
-# The box operations lived here before `box_ops.py`; they stay importable from here.
-__all__ = [
-    "AnchorAssignment",
-    "SADForObjectDetection",
-    "SADObjectDetectionOutput",
-    "SADPreTrainedModel",
-    "decode_boxes",
-    "encode_boxes",
-    "make_anchors",
-    "make_cell_anchors",
-    "match_anchors",
-    "valid_sizes",
-]
+__all__ = ["SADForObjectDetection", "SADObjectDetectionOutput", "SADPreTrainedModel", "detection_outputs"]

@@ -1,18 +1,18 @@
 """`TrainerCallback`s that keep a detection run safe from bad data, bad steps and interrupted checkpoints.
 
+- `TrainingGuard`: the one per-batch guard `SADTrainer.compute_loss` wraps each training batch in; it drives the
+  three below, in their order, and warns when the teacher's pseudo-boxes dry up.
 - `SkipBadStepsCallback`: an optimizer step whose batches had a non-finite loss, whose gradients are not finite, or
   whose batches held no decodable image changes nothing (weights, optimizer state, BatchNorm statistics), through
   `on_pre_optimizer_step`, the hook transformers runs right before `optimizer.step()`.
 - `SkippedImagesCallback`: counts undecodable images and dropped boxes from the batches, and stops the run when too
   many images were bad.
+- `LabeledBatchNormCallback`: optionally, only the labeled images of a batch move the BatchNorm statistics.
 - `CompleteCheckpointCallback`: a `checkpoint-N.incomplete` marker beside a checkpoint folder while it is written, so
   that resumption never picks up a checkpoint whose writing was interrupted.
-- `LabeledBatchNormCallback`: optionally, only the labeled images of a batch move the BatchNorm statistics.
 - `SyncBuffersCallback`: after DDP training, every process gets rank 0's BatchNorm statistics before evaluation.
 - `RunSettingsCallback`: each checkpoint records the distillation settings it was trained with, so that resuming
   with other settings is noticed.
-
-`SADTrainer` installs all four; `compute_loss` reports each training batch to the first two.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from accelerate import PartialState
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..arguments import RobustnessArguments
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ __all__ = [
     "SkipBadStepsCallback",
     "SkippedImagesCallback",
     "SyncBuffersCallback",
+    "TrainingGuard",
     "TrainingStopped",
     "broadcast_buffers",
     "changed_run_settings",
@@ -105,14 +109,14 @@ class SkipBadStepsCallback(TrainerCallback):
     restored to what they were before the step's first batch. Under fp16 the GradScaler's own overflow skip still
     comes first.
 
-    `SADTrainer.compute_loss` calls `start_batch` before each training forward and `end_batch` after its loss; the
-    statistics of a bad batch are restored after its backward (`on_substep_end` / `on_pre_optimizer_step`).
+    `TrainingGuard` calls `start_batch` before each training forward and `end_batch` after its loss; the statistics
+    of a bad batch are restored after its backward (`on_substep_end` / `on_pre_optimizer_step`).
 
     Args:
         max_consecutive_nonfinite_steps: this many non-finite steps in a row raise a RuntimeError naming the cause.
     """
 
-    def __init__(self, max_consecutive_nonfinite_steps: int = 10):
+    def __init__(self, max_consecutive_nonfinite_steps: int = RobustnessArguments.max_consecutive_nonfinite_steps):
         self.max_consecutive_nonfinite_steps = max_consecutive_nonfinite_steps
         self.nonfinite_steps = 0
         self._consecutive = 0
@@ -220,7 +224,7 @@ class LabeledBatchNormCallback(TrainerCallback):
     """Lets only the labeled images of a mixed batch move the student's BatchNorm running statistics
     (`unlabeled_updates_batchnorm=False`); the batch is still normalised with its own statistics, as usual.
 
-    `SADTrainer.compute_loss` calls `start_batch` before the student's forward (forward pre-hooks record the mean and
+    `TrainingGuard` calls `start_batch` before the student's forward (forward pre-hooks record the mean and
     unbiased variance of the labeled rows at every BatchNorm layer in training mode) and `end_batch` after it. Once
     the batch's backward has run (autograd still needs the buffers the forward used), `on_substep_end` /
     `on_pre_optimizer_step` put the statistics back as they were before the batch and apply the labeled rows'
@@ -283,12 +287,13 @@ class SkippedImagesCallback(TrainerCallback):
     """Counts, over all processes, the training images the collator could not decode and the boxes it dropped, and
     stops the run when more than `max_fraction` of the images read were undecodable (judged once `min_images` were
     read). Counts come from each batch (`num_skipped`, `skipped_examples`, `num_dropped_boxes`, see
-    `hf_sad.collator.SADDataCollator`), so they also work with DataLoader workers.
+    `hf_sad.data.collator.SADDataCollator`), so they also work with DataLoader workers.
 
-    `SADTrainer.compute_loss` calls `record_batch` for each training batch.
+    `TrainingGuard` calls `record_batch` for each training batch.
     """
 
-    def __init__(self, max_fraction: float = 0.01, min_images: int = 1000):
+    def __init__(self, max_fraction: float = RobustnessArguments.max_skipped_image_fraction,
+                 min_images: int = RobustnessArguments.min_images_before_skip_check):
         self.max_fraction = max_fraction
         self.min_images = min_images
         self.images_seen = 0
@@ -314,6 +319,103 @@ class SkippedImagesCallback(TrainerCallback):
                 f"{self.max_fraction}). Examples: {'; '.join(self.examples) or '(skipped on other processes)'}. Fix "
                 "or remove these files, or raise max_skipped_image_fraction."
             )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The per-batch guard
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: Training batches in a row without a single pseudo-box on their unlabeled images before a warning.
+PSEUDO_BOX_DROUGHT = 50
+
+
+@dataclass
+class BatchRecord:
+    """What a guarded training batch gave: its loss (a scalar tensor) and its loss terms by name."""
+
+    loss: torch.Tensor | None = None
+    terms: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingGuard(TrainerCallback):
+    """Everything that watches a training batch, in one place and one order: its undecodable images are counted
+    (`SkippedImagesCallback`), the BatchNorm statistics before it are kept (`SkipBadStepsCallback`), unlabeled images
+    are kept out of them when asked (`LabeledBatchNormCallback`), and once its loss is known a non-finite batch is
+    marked and a teacher that stopped finding objects is warned about. Its hooks then, once the batch's backward has
+    run, first apply the labeled-only statistics and then restore the statistics of a bad batch and skip a bad step.
+
+    Args:
+        robustness: the bad-data and bad-step settings.
+        labeled_batchnorm_only: only labeled images move the student's BatchNorm statistics
+            (`unlabeled_updates_batchnorm=False`).
+        pseudo_label_threshold: the threshold named in the warning about pseudo-boxes.
+    """
+
+    def __init__(self, robustness: RobustnessArguments, labeled_batchnorm_only: bool = False,
+                 pseudo_label_threshold: float | None = None):
+        self.images = SkippedImagesCallback(robustness.max_skipped_image_fraction,
+                                            robustness.min_images_before_skip_check)
+        self.steps = SkipBadStepsCallback(robustness.max_consecutive_nonfinite_steps)
+        self.labeled_batchnorm = LabeledBatchNormCallback() if labeled_batchnorm_only else None
+        self.pseudo_label_threshold = pseudo_label_threshold
+        self._drought = [0, 0]  # training batches in a row without a pseudo-box, their unlabeled images
+
+    @contextlib.contextmanager
+    def batch(self, model: nn.Module, inputs: Mapping[str, Any], global_step: int,
+              device: torch.device | str = "cpu") -> Iterator[BatchRecord]:
+        """Guard the training batch `inputs` of step `global_step + 1`: the caller runs the student's forward and the
+        loss inside and sets the yielded record's `loss` and `terms`."""
+        empty = bool(inputs.get("empty_batch", False))  # every image undecodable: a placeholder (see the collator)
+        rows = 0 if empty else len(inputs["is_labeled"])
+        self.images.record_batch(inputs, rows, device)
+        self.steps.start_batch(model, global_step)
+        if self.labeled_batchnorm is not None and rows:
+            self.labeled_batchnorm.start_batch(model, inputs["is_labeled"])
+        record = BatchRecord()
+        try:
+            yield record
+        finally:
+            if self.labeled_batchnorm is not None:
+                self.labeled_batchnorm.end_batch()
+        self.steps.end_batch(model, record.loss, rows, record.terms)
+        if "pseudo_boxes_per_image" in record.terms:
+            self._watch_pseudo_boxes(float(record.terms["pseudo_boxes_per_image"]), int((~inputs["is_labeled"]).sum()))
+
+    def _watch_pseudo_boxes(self, per_image: float, unlabeled: int) -> None:
+        """Warn once the teacher has found no pseudo-box on `PSEUDO_BOX_DROUGHT` training batches in a row: their
+        unlabeled images then teach no localisation and have no ignore band."""
+        if per_image > 0:
+            self._drought = [0, 0]
+            return
+        self._drought[0] += 1
+        self._drought[1] += unlabeled
+        if self._drought[0] == PSEUDO_BOX_DROUGHT:
+            logger.warning(
+                "The teacher found no object above pseudo_label_threshold=%s on the last %d unlabeled images (%d "
+                "batches in a row): they give no box targets. Lower --pseudo_label_threshold, or check that the "
+                "teacher suits these images (pseudo_boxes_per_image in the logs).",
+                self.pseudo_label_threshold, self._drought[1], self._drought[0],
+            )
+
+    def counts(self) -> dict[str, int]:
+        """Cumulative counts (all processes): undecodable images skipped, boxes dropped, non-finite steps skipped."""
+        return {
+            "skipped_images": self.images.skipped_images,
+            "dropped_boxes": self.images.dropped_boxes,
+            "nonfinite_steps": self.steps.nonfinite_steps,
+        }
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._after_backward("on_substep_end", args, state, control, **kwargs)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._after_backward("on_pre_optimizer_step", args, state, control, **kwargs)
+
+    def _after_backward(self, hook: str, *args, **kwargs) -> None:
+        # The labeled-only statistics first: a skipped step then restores the statistics from before the batch.
+        for part in (self.labeled_batchnorm, self.steps):
+            if part is not None:
+                getattr(part, hook)(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from .box_ops import select_detections
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["SADImageProcessor", "select_detections"]
+__all__ = ["SADImageProcessor"]
 
 
 class SADImageProcessorKwargs(ImagesKwargs, total=False):

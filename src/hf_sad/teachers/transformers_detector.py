@@ -16,7 +16,7 @@ probabilities, one it would make a negative gets nothing from b, and the ignore 
 Entries no box reaches get the probability `background_probability` (the logit of exactly 0 would be -inf). Each
 anchor also gets the box b that gives its largest q, as box deltas on the anchor (no box: zero deltas), so that the
 teacher's box regression has a target too. The pseudo-boxes and the ignore band come from the teacher's own boxes
-(`TransformersTeacherOutput.detections`: its set of boxes through the student's post-processing, so the threshold,
+(`TeacherOutput.detections`: its set of boxes through the student's post-processing, so the threshold,
 NMS and detection count settings are the student processor's), not from the dense targets, where an anchor between
 two boxes would pair one box with the other's class.
 
@@ -32,7 +32,6 @@ its own input size and normalisation apply; box coordinates come back to the stu
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,17 +48,15 @@ from transformers.models.auto.image_processing_auto import (
     get_image_processor_class_from_name,
 )
 
-from .box_ops import encode_boxes
-from .configuration_sad import SADConfig
-from .detection_loss import detection_loss
-from .distillation import normalization_affine
-from .image_processing_sad import SADImageProcessor
-from .modeling_sad import SADForObjectDetection, SADObjectDetectionOutput, predicted_boxes
+from ..model.box_ops import encode_boxes
+from ..model.configuration_sad import SADConfig
+from ..model.image_processing_sad import SADImageProcessor
+from ..model.modeling_sad import SADForObjectDetection, detection_outputs
+from .base import Teacher, TeacherOutput, normalization_affine
 
 __all__ = [
     "OPEN_VOCABULARY_TYPES",
     "TransformersDetectorTeacher",
-    "TransformersTeacherOutput",
     "is_sad_source",
     "load_transformers_teacher",
     "teacher_probabilities",
@@ -94,25 +91,6 @@ def load_transformers_teacher(source: str | Path):
         AutoModelForObjectDetection
     )
     return auto.from_pretrained(source)
-
-
-@dataclass
-class TransformersTeacherOutput(SADObjectDetectionOutput):
-    """A transformers teacher's output on the student's anchors (`logits`, `box_regression`, `pred_boxes`: the dense
-    targets) plus its own set of boxes.
-
-    Attributes:
-        detection_logits: (B, Q, C) float32 logits of the teacher's class probabilities of its Q boxes (clamped to
-            the background probability and its complement).
-        detection_boxes: (B, Q, 4) its boxes, normalised cx, cy, w, h relative to each image's valid region.
-    """
-
-    detection_logits: torch.FloatTensor | None = None
-    detection_boxes: torch.FloatTensor | None = None
-
-    def detections(self) -> SADObjectDetectionOutput:
-        """The teacher's set of boxes as a detector output that `post_process_object_detection` takes."""
-        return SADObjectDetectionOutput(logits=self.detection_logits, pred_boxes=self.detection_boxes)
 
 
 def default_processor(model: nn.Module, processor=None):
@@ -154,7 +132,7 @@ def teacher_probabilities(logits: torch.Tensor, num_labels: int, open_vocabulary
     return torch.sigmoid(logits)
 
 
-class TransformersDetectorTeacher(nn.Module):
+class TransformersDetectorTeacher(Teacher):
     """
     A transformers detector as a teacher on the student's anchors (see the module docstring for the rule).
 
@@ -167,6 +145,7 @@ class TransformersDetectorTeacher(nn.Module):
         student_processor: the student's image processor (to undo its normalisation).
         label_map: student class name -> teacher class name (or text query), for renamed classes.
         background_probability: the target of entries no teacher box reaches.
+        source: where it comes from (default: the folder or Hub id it was loaded from).
     """
 
     def __init__(
@@ -177,8 +156,10 @@ class TransformersDetectorTeacher(nn.Module):
         student_processor: SADImageProcessor,
         label_map: Mapping[str, str] | None = None,
         background_probability: float = 1e-4,
+        source: str | None = None,
     ):
-        super().__init__()
+        super().__init__(source if source is not None else model.name_or_path,
+                         getattr(model.config, "backbone", None) or model.config.model_type)
         self.model = model.requires_grad_(False).eval()
         self.processor = default_processor(model, processor)
         self.student_processor = student_processor
@@ -209,15 +190,6 @@ class TransformersDetectorTeacher(nn.Module):
                     "(student name -> teacher name)."
                 )
             self.register_buffer("class_index", torch.tensor([by_name[q] for q in self.queries]), persistent=False)
-
-    @property
-    def config(self):
-        """The teacher model's own config."""
-        return self.model.config
-
-    @property
-    def name_or_path(self) -> str:
-        return self.model.name_or_path
 
     def teacher_boxes(
         self, pixel_values: torch.Tensor, image_sizes: torch.Tensor
@@ -282,6 +254,9 @@ class TransformersDetectorTeacher(nn.Module):
             logits[i] = torch.logit(q.clamp(floor, 1 - floor))
         return logits, deltas
 
+    # Its forward runs its image processor in Python: left eager under --torch_compile.
+    compilable = False
+
     @torch.no_grad()
     def forward(
         self,
@@ -291,27 +266,18 @@ class TransformersDetectorTeacher(nn.Module):
         *,
         anchors: torch.Tensor,
         image_sizes: torch.Tensor,
-    ) -> SADObjectDetectionOutput:
+    ) -> TeacherOutput:
         """A teacher output on the student's `anchors` ((N, 4) xyxy absolute) for images whose valid regions are
         `image_sizes` ((B, 2) height, width): `logits`, `box_regression`, `pred_boxes` as an hf-sad detector gives
-        them, and with `labels` the student's supervised loss of these targets (for evaluation). `pixel_mask` is
-        accepted for a detector's signature; the valid regions are `image_sizes`."""
+        them, its own boxes as `detection_logits` / `detection_boxes`, and with `labels` the student's supervised loss
+        of these targets (for evaluation). `pixel_mask` is accepted for a detector's signature; the valid regions are
+        `image_sizes`."""
         boxes, probabilities = self.teacher_boxes(pixel_values, image_sizes)
         logits, deltas = self.dense_targets(boxes, probabilities, anchors.float())
-        loss = loss_dict = None
-        if labels is not None:
-            loss, loss_dict, _ = detection_loss(logits, deltas, anchors, labels, image_sizes, self.student_config)
         floor = self.background_probability
         scale = image_sizes.float().flip(-1).repeat(1, 2)[:, None, :]
-        return TransformersTeacherOutput(
+        return detection_outputs(
+            logits, deltas, anchors, image_sizes, self.student_config, labels, output_class=TeacherOutput,
             detection_logits=torch.logit(probabilities.clamp(floor, 1 - floor)),
             detection_boxes=box_convert(boxes, "xyxy", "cxcywh") / scale,
-            loss=loss,
-            loss_dict=loss_dict,
-            logits=logits,
-            pred_boxes=predicted_boxes(deltas, anchors, image_sizes),
-            box_regression=deltas,
-            anchors=anchors,
-            image_sizes=image_sizes,
         )
-

@@ -26,7 +26,8 @@ from hf_sad.arguments import SADTrainingArguments
 from hf_sad.data.synthetic import SYNTHETIC_LABELS, synthetic_id2label
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+#: The shared data beside the clone; `make mutation` runs the tests from a copy in mutants/ and says where it is.
+SHARED = Path(os.environ.get("HF_SAD_SHARED", REPO.parent / "shared"))
 BCCD = SHARED / "datasets" / "bccd"
 #: Run as a subprocess (or by torchrun) by the fault tests of test_callbacks.py and test_distributed.py.
 FAULT_WORKER = REPO / "tests" / "robust_worker.py"

@@ -130,7 +130,7 @@ def test_mean_teacher_is_the_exponential_average_of_the_student_after_each_optim
     optimized = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in trainer.teacher.parameters()}
     trainer.train()
-    assert int(trainer.teacher.n_averaged) == 3 == len(recorder.snapshots)  # once per optimizer step, not per micro-batch
+    assert int(trainer.teacher.n_averaged) == 3 == len(recorder.snapshots)  # once per optimizer step, not micro-batch
     expected = recorder.snapshots[0]  # the first update copies the student
     for weights in recorder.snapshots[1:]:
         expected = decay * expected + (1 - decay) * weights

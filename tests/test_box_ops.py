@@ -10,11 +10,15 @@ from torchvision.ops import batched_nms, box_iou
 from hf_sad.model.box_ops import (
     decode_boxes,
     encode_boxes,
+    ignore_crowd_regions,
     make_anchors,
     make_cell_anchors,
     match_anchors,
+    pad_boxes,
     select_detections,
 )
+
+from .utils import under_meta_default_device
 
 
 def random_boxes(n: int, size: float = 200.0, generator=None) -> torch.Tensor:
@@ -193,3 +197,103 @@ def test_select_detections_empty_and_shape_errors():
     assert [r["boxes"].shape for r in results] == [(0, 4), (0, 4)]
     with pytest.raises(ValueError, match="num_anchors"):
         select_detections(torch.zeros(2, 5, 3), torch.zeros(2, 4, 4))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Defaults, boundaries and device placement
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_tensor_the_box_operations_make_is_on_their_inputs_device():
+    """Run with the default device set to "meta": a tensor made without naming its device would land there, so CPU
+    inputs must give exactly the CPU results (what running on a GPU needs, checked without one). Detection
+    selection calls torchvision's NMS, which makes tensors of its own: test_select_detections_on_cuda_matches_cpu
+    checks it where a GPU is."""
+    cells = [make_cell_anchors(16.0, [1.0, 1.26], [0.5, 1.0]), make_cell_anchors(32.0, [1.0, 1.26], [0.5, 1.0])]
+    shapes, strides = [(4, 6), (2, 3)], [8, 16]
+    anchors = make_anchors(shapes, strides, cells, torch.device("cpu"))
+    boxes = [torch.tensor([[10.0, 10.0, 40.0, 30.0], [20.0, 4.0, 44.0, 28.0]]), torch.zeros(0, 4)]
+    crowd = [torch.zeros(0, 4), torch.tensor([[0.0, 0.0, 30.0, 20.0]])]
+    labels = torch.zeros(2, len(anchors), dtype=torch.long)
+    classes, no_boxes = [torch.tensor([1, 2]), torch.zeros(0, dtype=torch.long)], [torch.zeros(0, 4)] * 2
+    calls = {
+        "make_anchors": lambda: make_anchors(shapes, strides, cells, torch.device("cpu")),
+        "match_anchors": lambda: tuple(match_anchors(anchors, boxes)),
+        "match_no_boxes": lambda: tuple(match_anchors(anchors, no_boxes)),
+        "ignore_crowd": lambda: ignore_crowd_regions(labels, anchors, crowd, 0.7),
+        "pad_boxes": lambda: pad_boxes(boxes, classes),
+    }
+    for name, call in calls.items():
+        expected = call()
+        with under_meta_default_device():
+            got = call()
+        for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+            assert a.device.type == "cpu" and torch.equal(a, b), name
+
+
+def test_matching_thresholds_defaults_and_boundaries():
+    """fg 0.5 and bg 0.4 by default; IoU exactly 0.5 is positive, exactly 0.4 ignored (not background); an anchor no box
+    touches is never a low-quality match, even for a box that touches no anchor at all."""
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 25.0], [0.0, 0.0, 10.0, 20.0],
+                            [100.0, 100.0, 110.0, 110.0]])
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])  # IoU 1, 0.4 and 0.5 with the first three anchors, 0 with the last
+    iou = box_iou(box, anchors)[0]
+    assert iou[:3].tolist() == [1.0, pytest.approx(0.4), 0.5]
+    assert match_anchors(anchors, [box], allow_low_quality_matches=False).labels.tolist() == [[1, -1, 1, 0]]
+    nowhere = torch.tensor([[500.0, 500.0, 510.0, 510.0]])  # IoU 0 with every anchor
+    assert match_anchors(anchors, [nowhere]).labels.tolist() == [[0, 0, 0, 0]]
+    # A box's best anchor counts from exactly the minimum IoU on.
+    assert match_anchors(anchors[1:2], [box], low_quality_min_iou=float(iou[1])).labels.tolist() == [[1]]
+
+
+def test_crowd_regions_ignore_what_lies_inside_them_image_by_image():
+    """An anchor at least `ioa_threshold` inside a crowd box (by its own area: IoA) is ignored unless it is a positive;
+    images are handled each with its own crowd boxes, an image without any included."""
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0], [0.0, 12.0, 10.0, 22.0],
+                            [30.0, 30.0, 40.0, 40.0]])
+    crowd = torch.tensor([[0.0, 0.0, 12.0, 30.0]])  # a tall region: IoA 1, 0.7 and 1 for the first three anchors
+    labels = torch.tensor([[0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 1, 0]])
+    result = ignore_crowd_regions(labels, anchors, [torch.zeros(0, 4), crowd, crowd.double()], ioa_threshold=0.7)
+    assert result.tolist() == [[0, 0, 1, 0], [-1, -1, 1, 0], [-1, -1, 1, 0]]
+    assert labels.tolist() == [[0, 0, 1, 0]] * 3  # a new tensor
+    assert ignore_crowd_regions(labels[1:2], anchors, [crowd], 0.71).tolist() == [[-1, 0, 1, 0]]
+
+
+def test_pad_boxes_pads_to_the_most_boxes_and_at_least_one():
+    boxes, classes = pad_boxes([torch.ones(2, 4), torch.zeros(0, 4)], [torch.tensor([3, 4]), torch.zeros(0).long()])
+    assert boxes.shape == (2, 2, 4) and classes.tolist() == [[3, 4], [0, 0]]
+    assert pad_boxes([torch.zeros(0, 4)], [torch.zeros(0).long()])[0].shape == (1, 1, 4)
+
+
+def test_encode_and_decode_work_on_single_boxes_too():
+    anchor, box = torch.tensor([0.0, 0.0, 10.0, 20.0]), torch.tensor([5.0, 5.0, 25.0, 45.0])
+    torch.testing.assert_close(encode_boxes(box, anchor), torch.tensor([1.0, 0.75, math.log(2), math.log(2)]))
+    torch.testing.assert_close(decode_boxes(encode_boxes(box, anchor), anchor), box)
+
+
+def test_select_detections_defaults_and_threshold_is_strict():
+    """Defaults: score > 0.05, 1000 candidates into NMS, NMS at IoU 0.5, 100 detections; a score equal to the threshold
+    is not kept."""
+    side = 34  # 1156 disjoint boxes, one class, every score above 0.05: NMS removes none
+    grid = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    corners = torch.stack(grid, -1).reshape(-1, 2) * 10.0
+    boxes = torch.cat([corners, corners + 8], -1)[None]
+    scores = torch.linspace(0.06, 0.99, len(corners))[None, :, None]
+    assert len(select_detections(scores, boxes)[0]["scores"]) == 100
+    assert len(select_detections(scores, boxes, max_detections=None)[0]["scores"]) == 1000
+    overlapping = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 12.0], [0.0, 0.0, 10.0, 30.0]]])
+    three = torch.tensor([[[0.9], [0.8], [0.04]]])  # IoU 0.83 with the first: suppressed; 0.04: below 0.05
+    assert select_detections(three, overlapping)[0]["scores"].tolist() == [pytest.approx(0.9)]
+    at = torch.tensor([[[0.5], [0.7]]])
+    far = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]]])
+    assert select_detections(at, far, score_threshold=0.5)[0]["scores"].tolist() == [pytest.approx(0.7)]
+
+
+def test_class_wise_nms_keeps_classes_apart_also_at_negative_coordinates():
+    """torchvision's batched NMS offsets each group by its index times the largest coordinate plus one: at negative
+    coordinates that offset would put the groups on top of each other, so boxes are first shifted to >= 0."""
+    box = torch.tensor([[-30.0, -30.0, -10.0, -10.0]])
+    scores = torch.tensor([[[0.9, 0.8]]])
+    result = select_detections(scores, box[None], score_threshold=0.1)[0]
+    assert sorted(result["labels"].tolist()) == [0, 1]
+    torch.testing.assert_close(result["boxes"], box.expand(2, 4))

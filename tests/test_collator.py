@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from hf_sad.data import build_training_stream
 from hf_sad.data.collator import SADDataCollator, clean_boxes, decode_image
 from hf_sad.data.synthetic import SYNTHETIC_LABELS, synthetic_id2label
-from hf_sad.model.image_processing_sad import prepare_coco_detection_target
+from hf_sad.model.image_processing_sad import SADImageProcessor, prepare_coco_detection_target
 from hf_sad.training.trainer import SADTrainer
 
 from .utils import (
@@ -327,3 +327,200 @@ def test_collator_augmentation_is_seeded_by_sample_index_and_keeps_boxes_on_obje
     for flipped, straight in zip(first["labels"], plain["labels"]):
         torch.testing.assert_close(flipped["boxes"][:, 0], 1 - straight["boxes"][:, 0], rtol=0, atol=1e-5)
     assert first["is_labeled"].all()
+
+
+def test_augmentation_is_a_function_of_seed_and_sample_index_only(labeled, processor):
+    """The same (seed, sample_index) gives the same pixels whatever the global RNG holds, and leaves it untouched;
+    another seed gives other pixels."""
+    rows = list(build_training_stream(labeled).take(4))
+    collator = SADDataCollator(processor, seed=3, student_color_jitter=0.3)
+    state = torch.get_rng_state()
+    first = collator(copy.deepcopy(rows))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(12345)
+    again = collator(copy.deepcopy(rows))
+    for key in ("pixel_values", "teacher_pixel_values"):
+        assert torch.equal(first[key], again[key]), key
+    other = SADDataCollator(processor, seed=4, student_color_jitter=0.3)(copy.deepcopy(rows))
+    assert not torch.equal(other["teacher_pixel_values"], first["teacher_pixel_values"])
+
+
+def test_scale_jitter_and_student_colour_jitter_stay_in_their_ranges(processor):
+    """Training images come out at the processor's size times a factor drawn from `scale_range`, resized with
+    antialiasing; with `student_color_jitter` s the student sees each image's brightness scaled by a factor in
+    [1 - s, 1 + s] (a grey image: contrast and saturation leave it as it is), the teacher the image as it was."""
+    grey = Image.new("RGB", (64, 64), (120, 120, 120))
+    collator = SADDataCollator(processor, hflip_prob=0.0, scale_range=(0.5, 0.75), student_color_jitter=0.2)
+    ratios, sides = [], []
+    for index in range(12):
+        batch = collator([training_row(grey, index=index)])
+        side = int(batch["pixel_mask"][0].sum(0).max())
+        sides.append(side)
+        student = batch["pixel_values"][0, :, :side, :side]
+        teacher = batch["teacher_pixel_values"][0, :, :side, :side]
+        mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
+        ratios.append(float(((student * std + mean) / (teacher * std + mean)).mean()))
+    assert all(32 <= side <= 48 for side in sides) and len(set(sides)) > 3, sides
+    # uint8 pixels: each adjustment rounds, a level or two of 120
+    assert all(0.78 <= r <= 1.22 for r in ratios) and max(ratios) - min(ratios) > 0.1, ratios
+    exact = SADDataCollator(processor, hflip_prob=0.0, scale_range=(0.5, 0.5))([training_row(grey)])
+    assert int(exact["pixel_mask"][0].sum()) == 32 * 32
+    # A 1-px checkerboard shrunk to a third: antialiasing averages it to grey (std 0.5 of 255 levels inside),
+    # plain sampling keeps a pattern (std 35).
+    board = Image.fromarray(((torch.arange(64)[:, None] + torch.arange(64)[None]) % 2 * 255).byte().numpy()).convert(
+        "RGB")
+    pixels = SADDataCollator(processor, hflip_prob=0.0, scale_range=(1 / 3, 1 / 3))([training_row(board)])
+    assert pixels["pixel_mask"][0].sum() == 21 * 21
+    inner = pixels["pixel_values"][0, 0, 1:20, 1:20] * processor.image_std[0] * 255
+    assert inner.std() < 2
+
+
+def test_default_augmentation_is_the_arguments(processor):
+    from hf_sad.arguments import SADTrainingArguments
+
+    collator, args = SADDataCollator(processor), SADTrainingArguments(output_dir="unused", use_cpu=True)
+    assert collator.hflip_prob == args.hflip_prob == 0.5
+    assert collator.scale_range == tuple(args.scale_jitter) == (0.8, 1.2)
+    assert collator.student_color_jitter == args.student_color_jitter == 0.0
+    assert collator.skip_bad_labeled_images is args.skip_bad_labeled_images is False
+    assert collator.seed == args.seed == 42
+    assert "teacher_pixel_values" not in collator([training_row(Image.new("RGB", (64, 64)))])
+
+
+def test_large_training_jpegs_are_decoded_at_reduced_scale_with_their_boxes(processor):
+    """A 512 px JPEG for a 64 px model is decoded at 1/4 (by libjpeg) and its boxes follow; evaluation images are
+    decoded whole and resized by the processor (a 96 x 48 image comes out 128 x 64 for this 64 px square processor:
+    its aspect ratio is not kept by a fixed size, see the processor's `size`)."""
+    big = Image.new("RGB", (512, 512), (10, 10, 10))
+    ImageDraw.Draw(big).rectangle([256, 128, 319, 255], fill=(250, 250, 250))
+    value = image_value(jpeg(big), "big")
+    collator = SADDataCollator(processor, hflip_prob=0.0, scale_range=(1.0, 1.0))
+    batch = collator([training_row(value, labeled=True, boxes=[[256, 128, 64, 128]], categories=[1])])
+    torch.testing.assert_close(batch["labels"][0]["boxes"], torch.tensor([[0.5625, 0.375, 0.125, 0.25]]))
+    assert collator._draft_side(480, 640) == math.ceil(64 * 1.0)  # the processor makes every image 64 x 64
+    wide = SADDataCollator(SADImageProcessor(size={"shortest_edge": 64, "longest_edge": 100}), scale_range=(0.8, 1.2))
+    assert wide._draft_side(480, 640) == math.ceil(85 * 1.2)  # (480, 640) -> 64 x 85; the other orientation alike
+    evaluation = collator([{"image": image_value(jpeg(Image.new("RGB", (96, 48))), "wide"), "image_id": 1,
+                            "objects": {"bbox": [[90, 40, 30, 20]], "category": [1]}}])
+    assert evaluation["pixel_values"].shape[-2:] == (64, 64) and evaluation["labels"][0]["size"].tolist() == [64, 64]
+    # The box reached past the right and bottom edges: clipped to the image, then normalised.
+    torch.testing.assert_close(evaluation["labels"][0]["boxes"], torch.tensor([[93 / 96, 44 / 48, 6 / 96, 8 / 48]]))
+
+
+def test_category_ids_are_mapped_for_evaluation_rows_only_and_unlabeled_rows_carry_no_boxes(processor, picture):
+    mapping = {0: 2, 1: 0, 2: 1}
+    collator = SADDataCollator(processor, category_map=mapping, hflip_prob=0.0, scale_range=(1.0, 1.0))
+    evaluation = collator([{"image": picture, "objects": {"bbox": [GOOD_BOX], "category": [0]}, "image_id": 1}])
+    training = collator([training_row(picture, labeled=True, boxes=[GOOD_BOX], categories=[0])])
+    unlabeled = collator([training_row(picture, labeled=False, boxes=[GOOD_BOX], categories=[0])])
+    assert evaluation["labels"][0]["class_labels"].tolist() == [2]  # the dataset's id, mapped to the model's
+    assert training["labels"][0]["class_labels"].tolist() == [0]  # the stream carries model ids already
+    assert unlabeled["labels"][0]["class_labels"].tolist() == [] and not unlabeled["is_labeled"][0]
+    no_objects = collator([{"image": picture, "image_id": 2}])  # an evaluation row without `objects`: no boxes
+    assert no_objects["labels"][0]["boxes"].shape == (0, 4)
+    with pytest.raises(ValueError, match=r"image 'picture.img' sample_index=5: category id 9"):
+        SADDataCollator(processor, id2label={0: "a", 1: "b"})([training_row(picture, 5, True, [GOOD_BOX], [9])])
+
+
+def test_dropped_boxes_are_counted_over_the_whole_batch_and_described(processor, picture):
+    rows = [training_row(picture, index, True, [GOOD_BOX, [70, 70, 5, 5]], [0, 0]) for index in range(3)]
+    assert int(SADDataCollator(processor)(rows)["num_dropped_boxes"]) == 3
+    kept, per_box, dropped = clean_boxes(torch.tensor([[1.234, 2.345, 5.0, 6.0], [70.0, 1.0, 5.0, 5.0]]), ["a", "b"],
+                                         64, 64, "img")
+    assert per_box == ["a"] and dropped == ["img bbox [70.0, 1.0, 5.0, 5.0]"]
+    _, _, dropped = clean_boxes(torch.tensor([[1.234, 70.0, 5.0, 6.0]]), ["a"], 64, 64, "img")
+    assert dropped == ["img bbox [1.23, 70.0, 5.0, 6.0]"]  # below the image
+
+
+def test_clean_boxes_clips_to_both_edges_and_leaves_the_other_boxes_bit_for_bit():
+    inside = [0.1, 0.2, 0.3, 0.7]  # x + w - x is not exactly w in float32: recomputing it would change the box
+    boxes = torch.tensor([inside, [-5.0, -3.0, 20.0, 70.0], [60.0, 50.0, 10.0, 30.0]])
+    cleaned, _, dropped = clean_boxes(boxes, [0, 1, 2], 64, 60, "img")
+    assert dropped == [] and torch.equal(cleaned[0], boxes[0])
+    torch.testing.assert_close(cleaned[1:], torch.tensor([[0.0, 0.0, 15.0, 60.0], [60.0, 50.0, 4.0, 10.0]]))
+    with pytest.raises(ValueError, match=r"Annotation of image img: bbox \[3.0, nan, 1.0, 1.0\]"):
+        clean_boxes(torch.tensor([inside, [3.0, math.nan, 1.0, 1.0]]), [0, 1], 64, 64, "img")
+
+
+def test_objects_in_both_layouts_and_their_errors_name_the_object():
+    from hf_sad.data.collator import objects_as_columns
+
+    as_rows = [{"bbox": [1, 2, 3, 4], "category": 2, "iscrowd": 1, "area": 9.5}, {"bbox": [5, 6, 7, 8], "category": 0}]
+    columns = objects_as_columns(as_rows, "img")
+    assert columns["bbox"] == [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]] and columns["category"] == [2, 0]
+    assert columns["iscrowd"] == [1, 0] and columns["area"][0] == 9.5 and math.isnan(columns["area"][1])
+    as_columns = objects_as_columns({"bbox": [[1, 2, 3, 4]], "category": [1]}, "img")
+    assert as_columns["iscrowd"] == [0] and math.isnan(as_columns["area"][0])
+    for objects, message in [
+        (None, r"an image: `objects` is null"),
+        ([{"bbox": [1, 2, 3, 4]}], r"img: objects\[0\] = .* lacks `bbox` or `category`"),
+        ([{"category": 1}], r"img: objects\[0\] = .* lacks `bbox` or `category`"),
+        ([[1, 2, 3, 4]], r"img: objects\[0\] = .* lacks `bbox` or `category`"),
+        ({"bbox": [[1, 2, 3, 4]], "category": None}, r"img: `objects` lacks \['category'\]"),
+        ({"bbox": [[1, 2, 3, 4], [1, 2, 3, 4]], "category": [0, "3"]}, r"img: objects\[1\] category must be an"),
+        ({"bbox": [[1, 2, 3, 4]], "category": [None]}, r"img: objects\[0\] category must be an integer id, got None"),
+        ({"bbox": [[1, 2, 3, 4]], "category": [1.5]}, r"objects\[0\] category must be an integer id, got 1.5"),
+        ({"bbox": [[1, 2, 3, 4]], "category": [0], "iscrowd": ["x"]}, r"img: objects\[0\] iscrowd must be an"),
+        ({"bbox": [[1, 2, 3, 4]], "category": [0], "area": [math.inf]}, r"img: objects\[0\] area must be a finite"),
+        ({"bbox": [[1, 2, 3, 4]], "category": [0], "area": [-1]}, r"objects\[0\] area must be a finite number >= 0"),
+        ({"bbox": [[1, 2, 3, 4]], "category": [0], "area": ["big"]}, r"objects\[0\] area must be a number of"),
+        ({"bbox": [5], "category": [0]}, r"img: objects\[0\]: bbox must be \[x, y, w, h\]"),
+        ({"bbox": ["1234"], "category": [0]}, r"img: objects\[0\]: bbox must be \[x, y, w, h\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            objects_as_columns(objects) if objects is None else objects_as_columns(objects, "img")
+    zero_area = objects_as_columns({"bbox": [[1, 2, 3, 4]] * 2, "category": [0, 0], "area": [0, 0.5]}, "img")
+    assert zero_area["area"] == [0.0, 0.5]
+
+
+def test_images_are_named_by_their_path_or_as_in_memory_and_rows_by_their_place(tmp_path, processor):
+    from hf_sad.data.collator import CollationStats, image_name
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(path)
+    with Image.open(path) as opened:
+        assert image_name(opened) == repr(str(path))
+    assert image_name({"path": "x.jpg", "bytes": b""}) == "'x.jpg'" and image_name({"bytes": b"1"}) == (
+        "(in-memory image)")
+    assert image_name(Image.new("RGB", (2, 2))) == "(in-memory image)"
+    with pytest.raises(ValueError, match=r"Could not decode the labeled image row 1 of the batch"):
+        SADDataCollator(processor)([{"image": Image.new("RGB", (64, 64)), "objects": {"bbox": [], "category": []}},
+                                    {"image": {"bytes": b"broken"}, "objects": {"bbox": [], "category": []}}])
+    stats = CollationStats()
+    for index in range(12):
+        stats.skipped(f"image {index}")
+    assert stats.images_skipped == 12 and stats.skipped_examples == [f"image {i}" for i in range(10)]
+
+
+def test_decoding_keeps_the_range_of_16_bit_32_bit_and_float_images_and_palettes_without_warnings():
+    import warnings
+
+    import numpy as np
+
+    from hf_sad.data.collator import decode_image, decode_image_with_scale
+
+    values = np.array([[0, 20000], [40000, 40000]])
+    images = {
+        "I;16": Image.fromarray(values.astype(np.uint16)),
+        "I;16B": Image.fromarray(values.astype(">u2")),
+        "I;16L": Image.frombytes("I;16L", (2, 2), values.astype("<u2").tobytes()),
+        "I": Image.fromarray(values.astype(np.int32)),
+        "F": Image.fromarray(values.astype(np.float32)),
+    }
+    for mode, image in images.items():
+        assert image.mode == mode, (mode, image.mode)
+        decoded = np.asarray(decode_image(image))[..., 0]
+        assert decoded.tolist() == [[0, 127], [255, 255]], mode  # scaled by the brightest pixel, not clipped
+    palette = Image.new("RGB", (4, 4), (200, 30, 30)).convert("P")
+    buffer = io.BytesIO()
+    palette.save(buffer, "PNG", transparency=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL warns when a palette with transparency goes straight to RGB
+        decoded = decode_image({"bytes": buffer.getvalue(), "path": "p.png"})
+    assert decoded.mode == "RGB" and decoded.getpixel((0, 0)) == palette.convert("RGB").getpixel((0, 0))
+    image, factor = decode_image_with_scale(Image.new("RGB", (16, 16)), min_size=lambda h, w: 4)
+    assert factor == 1.0 and image.size == (16, 16)  # not a JPEG: decoded whole
+    big = {"bytes": jpeg(Image.new("RGB", (256, 256), (9, 9, 9))), "path": "big.jpg"}
+    image, factor = decode_image_with_scale(big, min_size=lambda h, w: 64)
+    assert (factor, image.size) == (0.25, (64, 64))
+    assert decode_image(big, min_size=lambda h, w: 64).size == (64, 64)

@@ -7,7 +7,7 @@ from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from hf_sad.model.detection_loss import assign_anchors, box_loss, detection_loss, sigmoid_focal_loss_sum
 
-from .utils import LABELS, make_labels, reference_detection_loss, tiny_detector
+from .utils import LABELS, make_labels, reference_detection_loss, tiny_detector, under_meta_default_device
 
 
 @pytest.mark.parametrize("box_loss_weight", [1.0, 0.3])
@@ -41,7 +41,7 @@ def test_focal_and_box_loss_match_independent_computation(tiny_model, box_loss_w
     assert share > 1e-3 * focal
 
 
-@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 0.0), (0.9, 1.5), (-1, 3.0)])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 0.0), (0.9, 1.5), (-1, 3.0), (0.0, 2.0)])
 def test_sigmoid_focal_loss_sum_matches_torchvision_value_and_gradient(alpha, gamma):
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, 7, generator=generator, dtype=torch.float64) * 4
@@ -187,3 +187,56 @@ def test_sigmoid_focal_loss_sum_stays_fp32_under_bf16_autocast():
         under_autocast = sigmoid_focal_loss_sum(logits, target_classes, valid, 0.25, 2.0)
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, expected)
+
+
+def test_low_precision_outputs_give_a_float32_loss_and_labels_are_checked_to_their_edges():
+    model, _ = tiny_detector(id2label=LABELS)
+    out = model(torch.randn(1, 3, 64, 64))
+    labels = make_labels([(2, 0.5, 0.5, 0.4, 0.3)])
+    low = detection_loss(out.logits.bfloat16(), out.box_regression.bfloat16(), out.anchors, labels, out.image_sizes,
+                         model.config)
+    assert low.loss.dtype == torch.float32 and low.loss_dict["loss_box"].dtype == torch.float32
+    x = torch.randn(1, 3, 64, 64)
+    for bad, message in [
+        (make_labels([(3, 0.5, 0.5, 0.2, 0.2)]), r"class id 3 is outside the model's 3 classes \(0..2\)"),
+        ([{"class_labels": torch.tensor([0, 1]), "boxes": torch.zeros(1, 4)}], r"boxes must be \(M, 4\)"),
+        ([{"class_labels": torch.tensor([0]), "boxes": torch.zeros(1, 1, 4)}], r"boxes must be \(M, 4\)"),
+        ([{"class_labels": torch.tensor([0]), "boxes": torch.zeros(1, 5)}], r"boxes must be \(M, 4\)"),
+        ([{**make_labels([(0, 0.5, 0.5, 0.2, 0.2)])[0], "iscrowd": torch.tensor([0, 0])}], "iscrowd has 2 entries"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model(x, labels=bad)
+
+
+def test_the_focal_loss_with_alpha_0_weighs_negatives_only():
+    logits = torch.tensor([[[2.0, -1.0], [0.5, 3.0]]], dtype=torch.float64)
+    target_classes, valid = torch.tensor([[0, -1]]), torch.ones(1, 2, dtype=torch.bool)
+    onehot = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    expected = sigmoid_focal_loss(logits, onehot, alpha=0.0, gamma=2.0, reduction="sum")
+    torch.testing.assert_close(sigmoid_focal_loss_sum(logits, target_classes, valid, 0.0, 2.0), expected)
+
+
+def test_assignment_follows_the_configs_low_quality_minimum():
+    """A box whose best anchor's IoU is below the config's `low_quality_match_min_iou` gives no positive."""
+    model, _ = tiny_detector(id2label=LABELS, low_quality_match_min_iou=0.4)
+    out = model(torch.randn(1, 3, 128, 128))
+    tiny = make_labels([(0, 0.5, 0.5, 0.02, 0.02)])  # 2.5 px: IoU far below 0.4 with every anchor
+    assert not (assign_anchors(out.anchors, tiny, out.image_sizes, model.config).labels == 1).any()
+    model.config.low_quality_match_min_iou = 0.0
+    assert (assign_anchors(out.anchors, tiny, out.image_sizes, model.config).labels == 1).any()
+
+
+def test_every_tensor_the_loss_makes_is_on_its_inputs_device():
+    """Under a "meta" default device (see `under_meta_default_device`) the loss of CPU outputs is the same CPU loss."""
+    model, _ = tiny_detector(id2label=LABELS)
+    out = model(torch.randn(2, 3, 64, 64))
+    labels = make_labels([(0, 0.5, 0.5, 0.4, 0.3), (1, 0.2, 0.2, 0.3, 0.3)], [])
+    labels[0]["iscrowd"] = torch.tensor([0, 1])
+
+    def loss():
+        return detection_loss(out.logits, out.box_regression, out.anchors, labels, out.image_sizes, model.config)
+
+    expected = loss()
+    with under_meta_default_device():
+        got = loss()
+    assert got.loss.device.type == "cpu" and torch.equal(got.loss, expected.loss)

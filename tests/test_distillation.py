@@ -350,3 +350,99 @@ def test_each_loss_weight_scales_its_term_by_exactly_that_factor(mixed_step, cas
         torch.testing.assert_close(result.metrics[term], unit.metrics[term])
         # float32 sums of a few O(1) terms: a few units of float32 rounding (1.2e-7) relative.
         torch.testing.assert_close(result.loss, base.loss + weight * unit.metrics[term], rtol=1e-6, atol=1e-6)
+
+
+def _labeled_rows_reference(mixed_step, **settings):
+    """What `sad_loss` should log as the labeled images' distillation term: the mode's kernel on the entries of the
+    labeled rows outside the ground truth's ignore band, divided by the settings' normaliser, computed here."""
+    from hf_sad.distillation.losses import adaptive_distillation_loss, focal_distillation_loss, kl_distillation_loss
+    from hf_sad.model.detection_loss import assign_anchors
+
+    config, outputs, teacher_outputs, labels, is_labeled, _ = mixed_step
+    args = DistillationArguments(**settings)
+    rows = is_labeled.nonzero().flatten().tolist()
+    assignment = assign_anchors(outputs.anchors, [labels[i] for i in rows], outputs.image_sizes[rows], config).labels
+    student, teacher = outputs.logits[rows], teacher_outputs.logits[rows]
+    mask = assignment >= 0
+    if args.teacher_confidence_mask is not None:
+        entropy = -(torch.sigmoid(teacher) * torch.nn.functional.logsigmoid(teacher)
+                    + torch.sigmoid(-teacher) * torch.nn.functional.logsigmoid(-teacher))
+        mask &= entropy.amax(-1) < args.teacher_confidence_mask
+    if args.distill_normalizer == "positives":
+        normalizer = ((assignment == 1) & mask).sum().clamp(min=1).float()
+    else:  # every anchor of the labeled rows, the ignore band included
+        normalizer = torch.sigmoid(teacher.float() / args.distill_temperature).pow(args.normalizer_power).sum()
+    common = dict(temperature=args.distill_temperature, normalizer=normalizer.clamp(min=1.0),
+                  power=args.normalizer_power, mask=mask)
+    if args.distill_loss == "adl":
+        return adaptive_distillation_loss(student, teacher, beta=args.adl_beta, gamma=args.adl_gamma,
+                                          variant=args.adl_variant, **common)
+    if args.distill_loss == "fdl":
+        return focal_distillation_loss(student, teacher, gamma=args.adl_gamma, **common)
+    return kl_distillation_loss(student, teacher, **common)
+
+
+@pytest.mark.parametrize("settings", [
+    {"distill_loss": "adl", "adl_beta": 0.5, "adl_gamma": 1.5, "distill_temperature": 2.0, "normalizer_power": 1.5},
+    {"distill_loss": "adl", "adl_variant": "released", "distill_normalizer": "positives"},
+    {"distill_loss": "kl", "distill_temperature": 0.5},
+    {"distill_loss": "fdl", "adl_gamma": 3.0, "normalizer_power": 2.5},
+    {"distill_loss": "adl", "teacher_confidence_mask": 0.2},
+], ids=["adl", "adl-released-positives", "kl", "fdl", "adl-confident"])
+def test_the_labeled_distillation_term_is_the_modes_kernel_with_the_settings(mixed_step, settings):
+    config, outputs, teacher_outputs, labels, is_labeled, processor = mixed_step
+    result = sad_loss(config, outputs, teacher_outputs, labels, is_labeled, DistillationArguments(**settings),
+                      processor)
+    expected = _labeled_rows_reference(mixed_step, **settings)
+    torch.testing.assert_close(result.metrics["loss_distill_labeled"], expected, rtol=1e-5, atol=1e-7)
+    assert ("adl_mean_weight_labeled" in result.metrics) == (settings["distill_loss"] == "adl")
+    if "teacher_confidence_mask" in settings:
+        q = torch.sigmoid(teacher_outputs.logits)
+        entropy = (-(q * q.log() + (1 - q) * (1 - q).log())).amax(-1)
+        assert result.metrics["teacher_certain_fraction"] == pytest.approx(float((entropy < 0.2).float().mean()))
+        assert 0 < result.metrics["teacher_certain_fraction"] < 1
+
+
+def test_supervised_step_is_the_detection_loss_of_the_labeled_rows(mixed_step):
+    from hf_sad.model.detection_loss import detection_loss
+
+    config, outputs, teacher_outputs, labels, is_labeled, processor = mixed_step
+    rows = is_labeled.nonzero().flatten().tolist()
+    expected = detection_loss(outputs.logits[rows], outputs.box_regression[rows], outputs.anchors,
+                              [labels[i] for i in rows], outputs.image_sizes[rows], config)
+    for teacher, mode in ((None, "adl"), (teacher_outputs, "none")):
+        result = sad_loss(config, outputs, teacher, labels, is_labeled, DistillationArguments(distill_loss=mode),
+                          processor)
+        torch.testing.assert_close(result.loss, expected.loss)
+        assert set(result.metrics) == {"loss_gt", "loss_cls", "loss_box"}
+        torch.testing.assert_close(result.metrics["loss_box"], expected.loss_dict["loss_box"])
+
+
+def test_dropped_unlabeled_images_are_those_without_pseudo_boxes(mixed_step):
+    config, outputs, teacher_outputs, labels, is_labeled, processor = mixed_step
+    from hf_sad.distillation.sad_loss import hard_pseudo_labels
+
+    unlabeled = (~is_labeled).nonzero().flatten().tolist()
+    scores = torch.sigmoid(teacher_outputs.logits[unlabeled]).amax((1, 2))
+    threshold = float(scores.sort().values[1])  # above the two least confident images' best scores
+    pseudo = hard_pseudo_labels(teacher_outputs, processor, threshold)
+    expected = sum(len(pseudo[i]["boxes"]) == 0 for i in unlabeled)
+    assert 0 < expected < len(unlabeled)
+    args = DistillationArguments(pseudo_label_threshold=threshold, drop_unlabeled_without_pseudo_boxes=True)
+    result = sad_loss(config, outputs, teacher_outputs, labels, is_labeled, args, processor)
+    assert result.metrics["unlabeled_dropped"] == expected
+    assert set(pseudo[unlabeled[0]]) == {"class_labels", "boxes", "scores"}
+
+
+def test_every_tensor_the_sad_loss_makes_is_on_its_inputs_device(mixed_step):
+    from .utils import under_meta_default_device
+
+    config, outputs, teacher_outputs, labels, is_labeled, processor = mixed_step
+    args = DistillationArguments(pseudo_label_threshold=0.005, distill_normalizer="positives",
+                                 teacher_confidence_mask=0.5, drop_unlabeled_without_pseudo_boxes=True)
+    expected = sad_loss(config, outputs, teacher_outputs, labels, is_labeled, args, processor)
+    with under_meta_default_device():
+        got = sad_loss(config, outputs, teacher_outputs, labels, is_labeled, args, processor)
+    assert got.loss.device.type == "cpu" and torch.equal(got.loss, expected.loss)
+    for name, value in expected.metrics.items():
+        assert torch.equal(torch.as_tensor(got.metrics[name]), torch.as_tensor(value)), name

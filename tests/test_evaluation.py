@@ -237,3 +237,84 @@ def test_class_names_that_are_metric_keys_get_their_own_keys():
     assert {"map_class_small", "map_class_50", "map_cell", "map_class_class_small"} <= set(result)
     assert result["map_cell"] == pytest.approx(1.0)
     assert math.isnan(result["map_class_small"]) and math.isnan(result["map_class_50"])  # absent from the data
+
+
+def test_packed_targets_and_detections_for_the_trainer():
+    """`pack_targets` gives original-image pixels, the crowd flag and the annotated area scaled back from the resized
+    image (or the box's area without one); `pack_detections` pads with label -1; `DetectionMetrics` reads both, as
+    lists of batches or single arrays."""
+    from hf_sad.evaluation import DetectionMetrics, pack_detections, pack_targets
+
+    labels = [
+        {"class_labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.25], [0.25, 0.25, 0.1, 0.1]]),
+         "orig_size": torch.tensor([40, 80]), "size": torch.tensor([20, 40]), "area": torch.tensor([30.0, 4.0]),
+         "iscrowd": torch.tensor([0, 1])},
+        {"class_labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]]),
+         "orig_size": torch.tensor([10, 20])},
+    ]
+    packed = pack_targets(labels)
+    assert packed.shape == (2, 2, 7)
+    torch.testing.assert_close(packed[0], torch.tensor([[20.0, 15.0, 60.0, 25.0, 1.0, 0.0, 120.0],
+                                                        [16.0, 8.0, 24.0, 12.0, 0.0, 1.0, 16.0]]))
+    torch.testing.assert_close(packed[1, 0], torch.tensor([5.0, 2.5, 15.0, 7.5, 2.0, 0.0, 50.0]))
+    assert packed[1, 1].tolist() == [-1.0] * 7  # padding
+    detections = [{"scores": torch.tensor([0.9]), "labels": torch.tensor([1]),
+                   "boxes": torch.tensor([[20.0, 15.0, 60.0, 25.0]])},
+                  {"scores": torch.zeros(0), "labels": torch.zeros(0).long(), "boxes": torch.zeros(0, 4)}]
+    packed_detections = pack_detections(detections)
+    assert packed_detections.shape == (2, 1, 6) and packed_detections[1, 0].tolist() == [-1.0] * 6
+    assert packed_detections[0, 0].tolist() == pytest.approx([20.0, 15.0, 60.0, 25.0, 0.9, 1.0])
+    metrics = DetectionMetrics({0: "a", 1: "b", 2: "c"})
+    as_lists = metrics(type("P", (), {"predictions": [packed_detections.numpy()], "label_ids": [packed.numpy()]}))
+    as_array = metrics(type("P", (), {"predictions": packed_detections.numpy(), "label_ids": packed.numpy()}))
+    assert as_lists == as_array and as_lists["map_b"] == 1.0 and as_lists["map_c"] == 0.0
+    assert math.isnan(as_lists["map_a"])  # its only box is a crowd region
+
+
+def test_coco_structures_and_metric_keys():
+    metric = CocoMeanAveragePrecision({0: "cell", 1: "debris"})
+    box = {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0], [5.0, 5.0, 9.0, 9.0]]), "labels": torch.tensor([1, 0])}
+    metric.update([{**box, "scores": torch.tensor([0.5, 0.6], dtype=torch.bfloat16)}], [box])
+    metric.update([{**box, "scores": torch.ones(2)}], [{**box, "iscrowd": [0, 1], "area": [10.0, 20.0]}])
+    ground_truth, detections = metric.to_coco()
+    assert ground_truth["images"] == [{"id": 1}, {"id": 2}]
+    assert ground_truth["categories"] == [{"id": 1, "name": "cell"}, {"id": 2, "name": "debris"}]
+    assert [a["id"] for a in ground_truth["annotations"]] == [1, 2, 3, 4]
+    assert ground_truth["annotations"][3] == {"id": 4, "image_id": 2, "category_id": 1, "bbox": [5.0, 5.0, 4.0, 4.0],
+                                              "area": 20.0, "iscrowd": 1}
+    assert detections[0] == {"image_id": 1, "category_id": 2, "bbox": [0.0, 0.0, 4.0, 4.0], "score": 0.5}
+    with pytest.raises(ValueError, match="Target of image 2 has inconsistent"):
+        metric.update([box | {"scores": torch.ones(2)}], [{**box, "iscrowd": [0]}])
+    with pytest.raises(ValueError, match="Prediction of image 2 has inconsistent"):
+        metric.update([{**box, "scores": torch.ones(1)}], [box])
+    from hf_sad.evaluation import class_metric_keys
+
+    # by id in numeric order: the first "x" gets map_x, the second map_class_x, a third also its id
+    assert class_metric_keys({"10": "x", "2": "x", "3": "x", "4": "map"}) == {
+        2: "map_x", 3: "map_class_x", 4: "map_map", 10: "map_class_x_10"}
+
+
+def test_a_class_absent_from_the_data_is_nan_without_a_numpy_warning():
+    import warnings
+
+    target = {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "labels": torch.tensor([0])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = coco_map([{**target, "scores": torch.ones(1)}], [target], {0: "a", 1: "b"})
+    assert result["map_a"] == 1.0 and math.isnan(result["map_b"])
+
+
+def test_packing_makes_its_tensors_on_its_inputs_device():
+    from hf_sad.evaluation import pack_detections, pack_targets
+
+    from .utils import under_meta_default_device
+
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]),
+               "orig_size": torch.tensor([40, 80]), "iscrowd": torch.tensor([0])}]
+    detections = [{"scores": torch.tensor([0.9]), "labels": torch.tensor([1]), "boxes": torch.tensor([[1.0, 2, 3, 4]])}]
+    calls = {"targets": lambda: pack_targets(labels), "detections": lambda: pack_detections(detections)}
+    for name, call in calls.items():
+        expected = call()
+        with under_meta_default_device():
+            got = call()
+        assert got.device.type == "cpu" and torch.equal(got, expected), name

@@ -384,3 +384,21 @@ def test_pipeline_batches_when_the_processor_has_a_fixed_size(tmp_path):
     processor.pad_size = None  # the processor alone pads a batch of any sizes to its largest image (x 32)
     mixed = processor(images=images, return_tensors="pt")
     assert mixed["pixel_values"].shape == (3, 3, 192, 224) and mixed["pixel_mask"][1, :128, :200].all()
+
+
+def test_post_process_defaults_and_any_object_with_logits_and_boxes():
+    """The pipeline's threshold 0.5 by default; the processor's own top-k and NMS settings apply unless overridden; an
+    object that is not a mapping but has `logits` and `pred_boxes` works too."""
+    from types import SimpleNamespace
+
+    outputs = _outputs([[[0.9], [0.6], [0.4]]], [[[0.2, 0.2, 0.1, 0.1], [0.6, 0.6, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]]])
+    processor = SADImageProcessor()
+    assert processor.post_process_object_detection(outputs)[0]["scores"].numel() == 2
+    as_object = SimpleNamespace(logits=outputs["logits"], pred_boxes=outputs["pred_boxes"])
+    assert processor.post_process_object_detection(as_object)[0]["scores"].numel() == 2
+    single = SADImageProcessor(pre_nms_top_k=1)
+    assert single.post_process_object_detection(outputs, threshold=0.1)[0]["scores"].numel() == 1
+    assert single.post_process_object_detection(outputs, threshold=0.1, top_k=3)[0]["scores"].numel() == 3
+    (found,) = processor.post_process_object_detection(outputs, target_sizes=[(10, 20)])
+    assert found["boxes"].dtype == torch.float32
+    torch.testing.assert_close(found["boxes"][0], torch.tensor([3.0, 1.5, 5.0, 2.5]))

@@ -420,3 +420,156 @@ def test_kl_value_on_known_entry():
     expected = 0.5 * math.log(0.5 / p) + 0.5 * math.log(0.5 / (1 - p))
     loss = kl_distillation_loss(torch.tensor([[2.0]]), torch.tensor([[0.0]]), normalizer="none")
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def _synced_values(rank: int, store: str, results: dict) -> None:
+    """One process of `test_normalisers_are_averaged_over_processes`: its own logits, the synced ADL value and the
+    synced positive count of the supervised loss."""
+    import torch.distributed as dist
+
+    from hf_sad.model.box_ops import AnchorAssignment
+    from hf_sad.model.detection_loss import num_positives
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        student, teacher = _logits(B, N, C, seed=10 + rank, dtype=torch.float32), _logits(B, N, C, seed=20 + rank,
+                                                                                          dtype=torch.float32)
+        labels = torch.zeros(1, 10, dtype=torch.long)
+        labels[0, : 3 + 4 * rank] = 1  # 3 positives on rank 0, 7 on rank 1
+        results[rank] = (adaptive_distillation_loss(student, teacher, sync_normalizer=True).item(),
+                         float(num_positives(AnchorAssignment(labels, labels.clone()), sync=True)),
+                         # by default each process divides by its own count
+                         [fn(student, teacher).item() for fn in (adaptive_distillation_loss, kl_distillation_loss,
+                                                                 focal_distillation_loss)])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_normalisers_are_averaged_over_processes(tmp_path):
+    """Two processes: each divides its own sum by the mean of the two soft counts (ADL's adaptive normaliser) and by
+    the mean of the two positive counts (the supervised losses'), not by its own or their sum."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_synced_values, args=(str(tmp_path / "store"), results), nprocs=2)
+    counts = []
+    for rank in range(2):
+        student, teacher = _logits(B, N, C, seed=10 + rank, dtype=torch.float32), _logits(B, N, C, seed=20 + rank,
+                                                                                          dtype=torch.float32)
+        counts.append(float((torch.sigmoid(teacher.double()) ** 1.8).sum()))
+    for rank in range(2):
+        student, teacher = _logits(B, N, C, seed=10 + rank, dtype=torch.float32), _logits(B, N, C, seed=20 + rank,
+                                                                                          dtype=torch.float32)
+        own_sum = adaptive_distillation_loss(student, teacher, normalizer="none").item()
+        assert results[rank][0] == pytest.approx(own_sum / (sum(counts) / 2), rel=1e-5)
+        assert results[rank][1] == 5.0  # (3 + 7) / 2
+        assert results[rank][2] == pytest.approx([fn(student, teacher).item() for fn in (
+            adaptive_distillation_loss, kl_distillation_loss, focal_distillation_loss)], rel=1e-6)
+        assert results[rank][2][0] == pytest.approx(own_sum / counts[rank], rel=1e-5)
+
+
+def test_argument_boundaries():
+    """alpha 0 and 1, any positive power and 1-d logits (one entry's classes) are accepted; a normaliser of 0, a power
+    of 0, integer logits and 0-d logits are not."""
+    student, teacher = _pair(torch.float32)
+    for kwargs in ({"alpha": 0.0, "variant": "released"}, {"alpha": 1.0, "variant": "released"}, {"power": 0.5}):
+        assert torch.isfinite(adaptive_distillation_loss(student, teacher, **kwargs))
+    assert torch.isfinite(adaptive_distillation_loss(student[0, 0], teacher[0, 0]))
+    for kwargs, match in (({"normalizer": 0.0}, "normalizer"), ({"power": 0.0}, "power")):
+        with pytest.raises(ValueError, match=match):
+            adaptive_distillation_loss(student, teacher, **kwargs)
+    with pytest.raises(ValueError, match="floating point"):
+        adaptive_distillation_loss(student, teacher.long())
+    with pytest.raises(ValueError, match="trailing class dimension"):
+        adaptive_distillation_loss(torch.tensor(0.5), torch.tensor(0.5))
+
+
+def test_masks_per_class_count_entries_and_give_the_same_gradient_as_the_reference():
+    """A full (..., C) mask selects single entries: the loss, its gradient (ADL's weight and target), the normaliser
+    and the mean weight are those of the selected entries, also with two classes and one included entry."""
+    student, teacher = _pair(torch.float64, shape=(B, N, 2))
+    mask = torch.rand(B, N, 2, generator=torch.Generator().manual_seed(5)) > 0.5
+    loss, grad = _loss_and_grad(adaptive_distillation_loss, student, teacher, mask=mask)
+    ref_loss, ref_grad = _loss_and_grad(reference_loss, student, teacher, mask=mask)
+    assert _rel_err(loss, ref_loss) < 1e-9 and _rel_err(grad, ref_grad) < 1e-9
+    _, stats = adaptive_distillation_loss(student, teacher, mask=mask, return_stats=True)
+    s, t = student.double(), teacher.double()
+    q, p = torch.sigmoid(t), torch.sigmoid(s)
+    kl = q * torch.log(q / p) + (1 - q) * torch.log((1 - q) / (1 - p))
+    entropy = -(q * torch.log(q) + (1 - q) * torch.log(1 - q))
+    weight = (1 - torch.exp(-(kl + entropy))) ** 2
+    assert stats["mean_weight"].item() == pytest.approx(weight[mask].mean().item(), rel=1e-9)
+    single = torch.zeros_like(mask)
+    single[0, 0, 1] = True
+    _, stats = adaptive_distillation_loss(student, teacher, mask=single, return_stats=True)
+    assert stats["mean_weight"].item() == pytest.approx(weight[0, 0, 1].item(), rel=1e-9)
+    assert stats["normalizer"].item() == 1.0  # one soft count below 1: clamped
+
+
+def test_temperature_halves_and_a_tensor_normaliser_keeps_the_loss_dtype():
+    student, teacher = _pair(torch.float32)
+    for temperature in (0.5, 2.0):
+        got = adaptive_distillation_loss(student, teacher, temperature=temperature)
+        expected = reference_loss(student.double(), teacher.double(), temperature=temperature)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert adaptive_distillation_loss(student, teacher, normalizer=torch.tensor(3.0, dtype=torch.float64)).dtype == (
+        torch.float32)
+
+
+def test_baselines_pass_their_options_on():
+    """focal distillation: its gamma, a detached weight (another gradient, the same value) and stats; KL: none of
+    ADL's weighting whatever beta the kernel would take."""
+    student, teacher = _pair(torch.float32)
+    plain, grad = _loss_and_grad(focal_distillation_loss, student, teacher)
+    detached, detached_grad = _loss_and_grad(focal_distillation_loss, student, teacher, detach_weight=True)
+    torch.testing.assert_close(plain, detached)
+    assert not torch.allclose(grad, detached_grad)
+    loss, stats = focal_distillation_loss(student, teacher, return_stats=True)
+    assert set(stats) == {"normalizer", "mean_weight"} and torch.equal(loss, plain)
+    torch.testing.assert_close(kl_distillation_loss(student, teacher),
+                               adaptive_distillation_loss(student, teacher, gamma=0.0, beta=0.0))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.5])
+def test_fractional_gamma_is_finite_for_saturated_logits(gamma):
+    values = torch.tensor([-100.0, -30.0, 0.0, 30.0, 100.0])
+    student = values.repeat_interleave(5).reshape(1, 25, 1).expand(1, 25, 3).clone()
+    teacher = values.repeat(5).reshape(1, 25, 1).expand(1, 25, 3).clone()
+    for variant in ("paper", "released"):
+        loss, grad = _loss_and_grad(adaptive_distillation_loss, student, teacher, gamma=gamma, variant=variant)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), variant
+
+
+def test_low_precision_student_gets_a_gradient_in_its_dtype():
+    student, teacher = _pair(torch.bfloat16)
+    loss, grad = _loss_and_grad(adaptive_distillation_loss, student, teacher.float())
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all() and loss.dtype == torch.float32
+
+
+def test_binary_entropy_matches_the_definition_and_is_finite_when_saturated():
+    from hf_sad.distillation.losses import binary_entropy
+
+    z = torch.linspace(-30, 30, 301, dtype=torch.float64)
+    q = torch.sigmoid(z)
+    expected = -(q * q.log() + (1 - q) * (1 - q).log())
+    torch.testing.assert_close(binary_entropy(z.float()).double(), expected, atol=32 * EPS32, rtol=0)
+    assert binary_entropy(torch.tensor([0.0])).item() == pytest.approx(math.log(2))
+    assert torch.isfinite(binary_entropy(torch.tensor([-1e4, 1e4]))).all()
+    assert binary_entropy(torch.tensor([0.0], dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_every_tensor_the_kernels_make_is_on_their_inputs_device():
+    from .utils import under_meta_default_device
+
+    student, teacher = _pair(torch.float32)
+    mask = torch.rand(B, N, generator=torch.Generator().manual_seed(3)) > 0.3
+    normalizer = torch.tensor(3.0)
+    for kwargs in ({}, {"mask": mask, "normalizer": normalizer}, {"variant": "released"}):
+        def loss(s, t, kwargs=kwargs):
+            return adaptive_distillation_loss(s, t, return_stats=True, **kwargs)[0]
+
+        expected = _loss_and_grad(loss, student, teacher)
+        with under_meta_default_device():
+            got = _loss_and_grad(loss, student, teacher)
+        for a, b in zip(got, expected):
+            assert a.device.type == "cpu" and torch.equal(a, b), kwargs

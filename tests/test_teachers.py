@@ -208,15 +208,6 @@ def test_confidence_mask_distils_only_anchors_where_the_teacher_is_certain():
         DistillationArguments(teacher_confidence_mask=0.9)
 
 
-def test_binary_entropy_matches_the_definition_and_is_finite_when_saturated():
-    z = torch.linspace(-30, 30, 301, dtype=torch.float64)
-    q = torch.sigmoid(z)
-    expected = -(q * q.log() + (1 - q) * (1 - q).log())
-    torch.testing.assert_close(binary_entropy(z.float()).double(), expected, atol=PROB_ATOL, rtol=0)
-    assert binary_entropy(torch.tensor([0.0])).item() == pytest.approx(math.log(2))
-    assert torch.isfinite(binary_entropy(torch.tensor([-1e4, 1e4]))).all()
-
-
 def test_student_color_jitter_changes_only_the_students_pixels(tmp_path, labeled):
     _, processor = tiny_detector()
     rows = [{**labeled[i], "is_labeled": True, "sample_index": i} for i in range(2)]

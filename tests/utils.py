@@ -307,6 +307,12 @@ def detection_dataset(images: list[dict], objects: list[dict], class_label: bool
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def under_meta_default_device():
+    """A context in which a tensor made without naming its device lands on the "meta" device: code that runs the
+    same inside it places every tensor it makes on its inputs' device, as running on a GPU needs."""
+    return torch.device("meta")
+
+
 def worker_env(tmp_path) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"), "PYTHONUNBUFFERED": "1"}

@@ -240,7 +240,8 @@ class CollationStats:
 def clean_boxes(
     boxes: torch.Tensor, categories: list, width: int, height: int, where: str
 ) -> tuple[torch.Tensor, list, list[str]]:
-    """Validate one image's COCO boxes (x, y, w, h pixels): returns (boxes, categories, descriptions of dropped boxes).
+    """Validate one image's COCO boxes (x, y, w, h pixels): returns (boxes, categories, descriptions of the dropped
+    boxes as annotated).
 
     `categories` holds one value per box (a class id, or a tuple of per-box fields): those of the kept boxes return.
 
@@ -258,10 +259,11 @@ def clean_boxes(
     clipped = corners.clone()
     clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
     clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
-    keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0) & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    # A zero or negative width or height leaves x2 <= x1 (or y2 <= y1), and clipping keeps that order.
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    dropped = [f"{where} bbox {[round(v, 2) for v in box]}" for box in boxes[~keep].tolist()]  # as annotated
     changed = (clipped != corners).any(dim=1, keepdim=True)
     boxes = torch.where(changed, torch.cat([clipped[:, :2], clipped[:, 2:] - clipped[:, :2]], dim=1), boxes)
-    dropped = [f"{where} bbox {[round(v, 2) for v in box]}" for box in boxes[~keep].tolist()]
     return boxes[keep], [c for c, k in zip(categories, keep.tolist()) if k], dropped
 
 

@@ -209,8 +209,10 @@ def _store_product(out: Tensor, a: Tensor, b: Tensor | None) -> None:
 
 
 def _row_chunks(rows: int, cols: int, device: torch.device) -> list[slice]:
-    numel = _CHUNK_NUMEL_CPU if device.type == "cpu" else _CHUNK_NUMEL_ACCELERATOR
-    step = max(1, numel // max(cols, 1))
+    # Mutation testing: the chunk size sets speed and memory, not values (next line too).
+    numel = _CHUNK_NUMEL_CPU if device.type == "cpu" else _CHUNK_NUMEL_ACCELERATOR  # pragma: no mutate
+    # Mutation testing: see above.
+    step = max(1, numel // max(cols, 1))  # pragma: no mutate
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -222,7 +224,8 @@ def _run_chunks(
     # Preallocated: partial results that outlived their chunk would pin freed heap blocks and make the CPU heap grow
     # by about one chunk-sized block per chunk.
     partials = torch.zeros(len(chunks), 3, dtype=spec.compute_dtype, device=student.device)
-    with torch.autocast(student.device.type, enabled=False):
+    # Mutation testing: elementwise ops are never autocast.
+    with torch.autocast(student.device.type, enabled=False):  # pragma: no mutate
         for i, r in enumerate(chunks):
             chunk_mask = None if mask is None else mask[r]
             chunk_grad = None if grad_out is None else grad_out[r]
@@ -249,8 +252,10 @@ class _DistillationSum(torch.autograd.Function):
         loss_sum, weight_sum, qpow_sum = _run_chunks(student, teacher, mask, spec, grad)
         ctx.save_for_backward(student, teacher, mask)
         ctx.spec = spec
-        ctx.grad = grad
-        ctx.mark_non_differentiable(weight_sum, qpow_sum)
+        # Mutation testing: without it, backward recomputes the same gradient (slower).
+        ctx.grad = grad  # pragma: no mutate
+        # Mutation testing: no gradient reaches these outputs either way.
+        ctx.mark_non_differentiable(weight_sum, qpow_sum)  # pragma: no mutate
         return loss_sum, weight_sum, qpow_sum
 
     @staticmethod
@@ -277,8 +282,10 @@ def _as_2d_mask(mask: Tensor | None, shape: torch.Size) -> Tensor | None:
         raise ValueError(f"mask must be a bool tensor (True = included), got dtype {mask.dtype}.")
     if mask.dim() < len(shape):
         mask = mask.unsqueeze(-1)  # a mask over the leading dims applies to every class
-    per_row = mask.shape[-1] == 1
-    target = (*shape[:-1], 1) if per_row else tuple(shape)
+    # Mutation testing: an expanded (rows, C) mask selects the same entries (slower).
+    per_row = mask.shape[-1] == 1  # pragma: no mutate
+    # Mutation testing: as above.
+    target = (*shape[:-1], 1) if per_row else tuple(shape)  # pragma: no mutate
     try:
         mask = torch.broadcast_to(mask, target)
     except RuntimeError as err:
@@ -293,7 +300,8 @@ def _included_count(mask_2d: Tensor | None, shape: torch.Size, like: Tensor) -> 
     """Number of included entries, a 0-dim tensor like `like`."""
     if mask_2d is None:
         return torch.full_like(like, float(shape.numel()))
-    count = mask_2d.sum(dtype=like.dtype)
+    # Mutation testing: an integer count divides alike.
+    count = mask_2d.sum(dtype=like.dtype)  # pragma: no mutate
     return count * shape[-1] if mask_2d.shape[1] == 1 else count
 
 
@@ -303,7 +311,8 @@ def _all_reduce_mean(value: Tensor) -> Tensor:
     if not (dist.is_available() and dist.is_initialized()):
         return value
     value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    # Mutation testing: SUM is all_reduce's default.
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)  # pragma: no mutate
     return value / dist.get_world_size()
 
 
@@ -397,7 +406,8 @@ def _distillation_loss(
         released=variant == "released",
         alpha=float(alpha),
         detach_weight=bool(detach_weight),
-        power=float(power) if isinstance(normalizer, str) and normalizer == "adaptive" else None,
+        # Mutation testing: it only saves computing a sum nothing reads.
+        power=float(power) if isinstance(normalizer, str) and normalizer == "adaptive" else None,  # pragma: no mutate
         need_weight_sum=return_stats,
         compute_dtype=torch.float64 if use_fp64 else torch.float32,
     )

@@ -141,10 +141,11 @@ def sad_loss(
         source = teacher_outputs.detections()
         rows = SADObjectDetectionOutput(logits=source.logits[unlabeled], pred_boxes=source.pred_boxes[unlabeled])
         pseudo = dict(zip(unlabeled, hard_pseudo_labels(rows, processor, args.pseudo_label_threshold)))
-        metrics["pseudo_boxes_per_image"] = torch.tensor(sum(len(p["boxes"]) for p in pseudo.values()) / len(pseudo))
+        metrics["pseudo_boxes_per_image"] = torch.tensor(sum(len(p["boxes"]) for p in pseudo.values()) / len(pseudo),
+                                                         device=loss.device)
         if args.drop_unlabeled_without_pseudo_boxes:  # as the released loader, which cannot load them
             kept = [i for i in unlabeled if len(pseudo[i]["boxes"])]
-            metrics["unlabeled_dropped"] = torch.tensor(float(len(unlabeled) - len(kept)))
+            metrics["unlabeled_dropped"] = torch.tensor(float(len(unlabeled) - len(kept)), device=loss.device)
             unlabeled = kept
 
     if unlabeled and (mode.pseudo_boxes_only or (args.pseudo_box_loss == "full" and args.pseudo_box_weight)):

@@ -282,7 +282,8 @@ def select_detections(
         )
     batch_size, _, num_classes = scores.shape
     top_scores, top_labels, top_boxes = top_candidates(scores, boxes, pre_nms_top_k)
-    top_images = torch.arange(batch_size, device=scores.device).unsqueeze(1).expand_as(top_labels)
+    # Mutation testing: devices are tested on a GPU (test_select_detections_on_cuda_matches_cpu).
+    top_images = torch.arange(batch_size, device=scores.device).unsqueeze(1).expand_as(top_labels)  # pragma: no mutate
 
     above = top_scores > score_threshold
     cand_scores, cand_labels, cand_boxes, cand_images = (
@@ -301,7 +302,9 @@ def select_detections(
     kept = kept[order]
     counts = torch.bincount(kept_images, minlength=batch_size)
     if max_detections is not None:
-        rank_in_image = torch.arange(len(kept), device=kept.device) - (counts.cumsum(0) - counts)[kept_images]
+        first_of_image = (counts.cumsum(0) - counts)[kept_images]
+        # Mutation testing: devices are tested on a GPU (test_select_detections_on_cuda_matches_cpu).
+        rank_in_image = torch.arange(len(kept), device=kept.device) - first_of_image  # pragma: no mutate
         kept = kept[rank_in_image < max_detections]
         counts = counts.clamp(max=max_detections)
 
@@ -322,7 +325,7 @@ def _boxes_for_nms(boxes: torch.Tensor) -> torch.Tensor:
     groups overlap; float64 (where the device has it) and a shift to non-negative coordinates (IoU is shift-invariant)
     avoid both.
     """
-    dtype = torch.float32 if boxes.device.type == "mps" else torch.float64
+    dtype = torch.float32 if boxes.device.type == "mps" else torch.float64  # pragma: no mutate (MPS only)
     boxes = boxes.to(dtype)
     if boxes.numel():
         boxes = boxes - boxes.min().clamp(max=0)
